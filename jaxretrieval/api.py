@@ -1,0 +1,46 @@
+"""`model, preprocess, tokenizer = jaxretrieval.load(PATH)`, the way open_clip users expect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxretrieval.data.pipeline import make_preprocess
+from jaxretrieval.data.tokenizers import build_tokenizer
+from jaxretrieval.data.transforms import Preprocess
+from jaxretrieval.evaluate import restore_params, saved_config
+from jaxretrieval.sharding import make_mesh
+
+
+class RetrievalModel:
+    """A restored model with jitted encoders that take numpy or jax arrays."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params: dict):
+        self.params = params
+        self.module = nnx.merge(graphdef, params)
+        self._image = jax.jit(lambda p, x, n: nnx.merge(graphdef, p).encode_image(x, normalize=n),
+                              static_argnums=2)
+        self._text = jax.jit(lambda p, t, n: nnx.merge(graphdef, p).encode_text(t, normalize=n),
+                             static_argnums=2)
+
+    def encode_image(self, pixels: np.ndarray | jax.Array, normalize: bool = False) -> jax.Array:
+        """pixels: (batch, size, size, 3) from `preprocess`, stacked."""
+        return self._image(self.params, pixels, normalize)
+
+    def encode_text(self, tokens: np.ndarray | jax.Array, normalize: bool = False) -> jax.Array:
+        """tokens: (batch, context_length) int ids from `tokenizer`."""
+        return self._text(self.params, tokens, normalize)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(np.exp(self.params["logit_scale"]))
+
+
+def load(path: str | Path) -> tuple[RetrievalModel, Preprocess, object]:
+    """(model, preprocess, tokenizer) from a step folder, a checkpoints folder or a training workdir."""
+    config = saved_config(path)
+    graphdef, params, meta = restore_params(config, path, make_mesh(config.mesh))
+    return RetrievalModel(graphdef, params), make_preprocess(config), build_tokenizer(meta["tokenizer"])

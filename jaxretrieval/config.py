@@ -1,0 +1,280 @@
+"""Typed configuration: one YAML file holds every knob, `key.path=value` overrides on the command line.
+
+Loading order: dataclass defaults <- model preset (`model.name`) <- the file <- overrides. Every key is
+checked against the dataclasses; an unknown or misspelt key is an error naming it, where it came from, and
+the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxretrieval.models.presets import MODEL_PRESETS
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the schema."""
+
+
+@dataclasses.dataclass
+class ImageTowerConfig:
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclasses.dataclass
+class TextTowerConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "vit_b32"
+    embed_dim: int = 512
+    activation: str = "quick_gelu"  # quick_gelu (OpenAI CLIP) or gelu
+    init_logit_scale: float = 2.6592  # log(1 / 0.07)
+    max_logit_scale: float = 4.6052  # log(100), the clamp CLIP applies
+    image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = dataclasses.field(default_factory=TextTowerConfig)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    kind: str = "jsonl"  # jsonl: annotation files of {"image", "caption", "image_id"} lines; demo: generated
+    root: str = ""  # annotation paths and image paths are relative to this folder
+    train_file: str = "train.jsonl"
+    test_file: str = "test.jsonl"
+    tokenizer: str = "vocab.txt"  # word-level vocabulary file under root (CLIP BPE arrives with `convert`)
+    workers: int = 0  # grain worker processes; 0 decodes in the training process
+    skip_bad_records: bool = False  # False: a bad image or line is an error; True: skipped and counted
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    flip: bool = False
+    demo_seed: int = 0
+    demo_num_train: int = 4000
+    demo_num_test: int = 200
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    batch_size: int = 256  # global, over all processes and devices
+    steps: int = 1000
+    lr: float = 5e-4
+    end_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.2
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # global norm; 0 disables
+    precision: str = "fp32"  # fp32, or bf16: bf16 compute with fp32 parameters and optimizer state
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    # Logical axes, named once. -1 takes the devices left over. Batches are split over (data, fsdp).
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    batch_size: int = 256
+    split: str = "test"
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # (regex over "/"-joined parameter paths, partition spec as a list of mesh axis names or null). The
+    # first match wins; parameters that match nothing are replicated.
+    sharding: list[list[Any]] = dataclasses.field(default_factory=list)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if value is None and option is type(None):
+                return None
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a {tp}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint} (valid here: {', '.join(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    path, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    node: dict[str, Any] = {}
+    cursor = node
+    keys = path.strip().split(".")
+    for key in keys[:-1]:
+        cursor = cursor.setdefault(key, {})
+    cursor[keys[-1]] = parsed
+    return node
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validates a raw nested dict (file contents merged with overrides) into a Config."""
+    raw = dict(raw or {})
+    model = raw.get("model") or {}
+    name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
+    if name not in MODEL_PRESETS:
+        close = difflib.get_close_matches(str(name), list(MODEL_PRESETS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{source}: unknown model.name '{name}'{hint} (presets: {', '.join(MODEL_PRESETS)})")
+    raw["model"] = _merge(MODEL_PRESETS[name], model if isinstance(model, dict) else {})
+    try:
+        config = _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    validate(config, source)
+    return config
+
+
+def validate(config: Config, source: str = "config") -> None:
+    """Cross-field checks the types alone cannot express."""
+    checks = [
+        (config.model.activation in ("quick_gelu", "gelu"), "model.activation must be quick_gelu or gelu"),
+        (config.model.image.image_size % config.model.image.patch_size == 0,
+         "model.image.image_size must be a multiple of model.image.patch_size"),
+        (config.model.image.width % config.model.image.heads == 0, "model.image.width must divide by heads"),
+        (config.model.text.width % config.model.text.heads == 0, "model.text.width must divide by heads"),
+        (config.data.kind in ("jsonl", "demo"), "data.kind must be jsonl or demo"),
+        (config.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+        (config.train.batch_size > 0 and config.train.steps > 0, "train.batch_size and train.steps must be > 0"),
+        (len(config.data.mean) == 3 and len(config.data.std) == 3, "data.mean and data.std need 3 values"),
+    ]
+    for rule in config.sharding:
+        ok = isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
+        checks.append((ok, f"sharding rule {rule!r} must be [regex, [axis or null, ...]]"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+                base: dict[str, Any] | None = None, source: str = "defaults") -> Config:
+    """Reads a YAML config file (or starts from `base`) and applies `key.path=value` overrides."""
+    raw: dict[str, Any] = dict(base or {})
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    for override in overrides:
+        raw = _merge(raw, _parse_override(override))
+    if overrides:
+        source = f"{source} with overrides {' '.join(overrides)}"
+    return from_dict(raw, source)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

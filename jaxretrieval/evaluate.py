@@ -1,0 +1,100 @@
+"""`python -m jaxretrieval.evaluate --config FILE --checkpoint PATH [--output FILE] [key=value ...]`
+
+Embeds the gallery images and every caption of the evaluation split and writes image-text recall
+(i2t_R1 i2t_R5 i2t_R10 t2i_R1 t2i_R5 t2i_R10 rsum, percent) as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxretrieval import checkpoint
+from jaxretrieval.config import Config, ConfigError, load_config
+from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer
+from jaxretrieval.data.sources import DataError
+from jaxretrieval.models import abstract_model
+from jaxretrieval.retrieval import embed_all, image_text_recall
+from jaxretrieval.sharding import make_mesh, tree_shardings
+
+
+def encoders(graphdef: nnx.GraphDef):
+    """Jitted (params, pixels) -> image embeddings and (params, tokens) -> text embeddings, normalised."""
+    image = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode_image(x, normalize=True))
+    text = jax.jit(lambda params, t: nnx.merge(graphdef, params).encode_text(t, normalize=True))
+    return image, text
+
+
+def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs, mesh: Mesh, batch_size: int) -> dict:
+    images, tokens, text_to_image = inputs
+    encode_image, encode_text = encoders(graphdef)
+    image_emb = embed_all(lambda x: encode_image(params, x), images, batch_size, mesh)
+    text_emb = embed_all(lambda t: encode_text(params, t), tokens, batch_size, mesh)
+    similarity = image_emb.astype(np.float32) @ text_emb.astype(np.float32).T
+    metrics = image_text_recall(similarity, text_to_image)
+    metrics.update(num_images=int(image_emb.shape[0]), num_texts=int(text_emb.shape[0]))
+    return metrics
+
+
+def restore_params(config: Config, path: str | Path, mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
+    """(graphdef, params placed on the mesh, checkpoint metadata) for the model `config` describes."""
+    folder, step = checkpoint.locate(path)
+    mngr = checkpoint.manager(folder, read_only=True)
+    graphdef, abstract = abstract_model(config.model, precision=config.train.precision)
+    shardings = tree_shardings(abstract, mesh, config.sharding)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    restored = checkpoint.restore(mngr, step, params=target)
+    return graphdef, restored["params"], restored["meta"]
+
+
+def saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config a checkpoint was trained with, with overrides applied."""
+    folder, step = checkpoint.locate(path)
+    meta = checkpoint.read_meta(checkpoint.manager(folder, read_only=True), step)
+    return load_config(None, overrides, base=meta["config"], source=f"config saved in {folder / str(step)}")
+
+
+def run(config: Config, checkpoint_path: str | Path) -> dict:
+    mesh = make_mesh(config.mesh)
+    graphdef, params, meta = restore_params(config, checkpoint_path, mesh)
+    root = data_root(config)
+    source = caption_source(config, root, config.eval.split)
+    inputs = eval_inputs(config, source, make_tokenizer(config, root))
+    metrics = evaluate_retrieval(graphdef, params, inputs, mesh, config.eval.batch_size)
+    metrics["step"] = meta.get("step")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxretrieval.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="config file (default: the config saved with the checkpoint)")
+    parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or workdir")
+    parser.add_argument("--output", help="write the metrics JSON here as well as to stdout")
+    parser.add_argument("overrides", nargs="*", help="key.path=value")
+    args = parser.parse_args(argv)
+    try:
+        if args.config:
+            config = load_config(args.config, args.overrides)
+        else:
+            config = saved_config(args.checkpoint, args.overrides)
+        metrics = run(config, args.checkpoint)
+    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(metrics, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Symmetric InfoNCE with positive groups.
+
+Every caption of one image shares that image's id, so a row's positives are all columns with the same id
+and the target is spread evenly over them (the ALBEF / X-VLM form; with unique ids it is the CLIP loss).
+The loss is written from per-row pieces (`soft_cross_entropy` over a block of rows) so that the
+cross-device variants can compute only their local rows against gathered columns and reuse it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def positive_mask(row_ids: jax.Array, col_ids: jax.Array) -> jax.Array:
+    """(rows, cols) float mask, 1 where the ids match."""
+    return (row_ids[:, None] == col_ids[None, :]).astype(jnp.float32)
+
+
+def soft_cross_entropy(logits: jax.Array, positives: jax.Array) -> jax.Array:
+    """Per-row cross entropy against targets spread evenly over each row's positives."""
+    targets = positives / jnp.maximum(positives.sum(axis=-1, keepdims=True), 1.0)
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
+def contrastive_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array,
+                     image_ids: jax.Array | None = None, text_ids: jax.Array | None = None) -> jax.Array:
+    """Mean of the image-to-text and text-to-image InfoNCE losses.
+
+    image_embeddings, text_embeddings: (batch, dim), L2-normalised; row i of each is one pair.
+    logit_scale: the multiplier exp(t). image_ids / text_ids: (batch,) group ids; when None each pair is
+    its own group. text_ids defaults to image_ids (one id per pair).
+    """
+    batch = image_embeddings.shape[0]
+    if image_ids is None:
+        image_ids = jnp.arange(batch)
+    if text_ids is None:
+        text_ids = image_ids
+    logits = logit_scale * (image_embeddings.astype(jnp.float32) @ text_embeddings.astype(jnp.float32).T)
+    positives = positive_mask(image_ids, text_ids)
+    image_to_text = soft_cross_entropy(logits, positives).mean()
+    text_to_image = soft_cross_entropy(logits.T, positives.T).mean()
+    return 0.5 * (image_to_text + text_to_image)

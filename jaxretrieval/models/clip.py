@@ -1,0 +1,45 @@
+"""CLIP dual encoder: an image tower, a text tower and a learnable logit scale."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxretrieval.models.text import TextTransformer
+from jaxretrieval.models.vit import VisionTransformer
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class CLIP(nnx.Module):
+    def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        """config: a `jaxretrieval.config.ModelConfig`."""
+        shared = {"embed_dim": config.embed_dim, "activation": config.activation, "rngs": rngs, "dtype": dtype}
+        image, text = config.image, config.text
+        self.visual = VisionTransformer(image_size=image.image_size, patch_size=image.patch_size,
+                                        width=image.width, layers=image.layers, heads=image.heads,
+                                        mlp_ratio=image.mlp_ratio, **shared)
+        self.text = TextTransformer(context_length=text.context_length, vocab_size=text.vocab_size,
+                                    width=text.width, layers=text.layers, heads=text.heads,
+                                    mlp_ratio=text.mlp_ratio, **shared)
+        self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32))
+        self.max_logit_scale = config.max_logit_scale
+
+    def encode_image(self, pixels: jax.Array, normalize: bool = False) -> jax.Array:
+        features = self.visual(pixels).astype(jnp.float32)
+        return l2_normalize(features) if normalize else features
+
+    def encode_text(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
+        features = self.text(tokens).astype(jnp.float32)
+        return l2_normalize(features) if normalize else features
+
+    def scale(self) -> jax.Array:
+        return jnp.exp(jnp.minimum(self.logit_scale[...], self.max_logit_scale))
+
+    def __call__(self, pixels: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normalised image and text embeddings and the logit scale exp(t)."""
+        return self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True), self.scale()

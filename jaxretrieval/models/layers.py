@@ -1,0 +1,77 @@
+"""Transformer pieces shared by the towers: pre-LN residual blocks in the CLIP arrangement."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+def dense(d_in: int, d_out: int, *, rngs: nnx.Rngs, std: float, dtype, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(
+        d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(std), rngs=rngs,
+    )
+
+
+def layer_norm(width: int, *, rngs: nnx.Rngs, dtype) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with one fused qkv projection (OpenAI's in_proj layout)."""
+
+    def __init__(self, width: int, heads: int, *, causal: bool, layers: int, rngs: nnx.Rngs, dtype):
+        self.heads = heads
+        self.causal = causal
+        self.qkv = dense(width, 3 * width, rngs=rngs, std=width**-0.5, dtype=dtype)
+        self.out = dense(width, width, rngs=rngs, std=width**-0.5 * (2 * layers) ** -0.5, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, length, width = x.shape
+        q, k, v = jnp.split(self.qkv(x).reshape(batch, length, 3 * self.heads, -1), 3, axis=2)
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out(y.reshape(batch, length, width))
+
+
+class MLP(nnx.Module):
+    def __init__(self, width: int, hidden: int, activation: str, *, layers: int, rngs: nnx.Rngs, dtype):
+        self.fc = dense(width, hidden, rngs=rngs, std=(2 * width) ** -0.5, dtype=dtype)
+        self.proj = dense(hidden, width, rngs=rngs, std=width**-0.5 * (2 * layers) ** -0.5, dtype=dtype)
+        self.activation = ACTIVATIONS[activation]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.proj(self.activation(self.fc(x)))
+
+
+class Block(nnx.Module):
+    def __init__(self, width, heads, mlp_ratio, activation, *, causal, layers, rngs: nnx.Rngs, dtype):
+        self.ln_1 = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.attn = Attention(width, heads, causal=causal, layers=layers, rngs=rngs, dtype=dtype)
+        self.ln_2 = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.mlp = MLP(width, int(width * mlp_ratio), activation, layers=layers, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, *,
+                 causal: bool, rngs: nnx.Rngs, dtype):
+        self.blocks = nnx.List([
+            Block(width, heads, mlp_ratio, activation, causal=causal, layers=layers, rngs=rngs, dtype=dtype)
+            for _ in range(layers)
+        ])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for block in self.blocks:
+            x = block(x)
+        return x

@@ -1,0 +1,33 @@
+"""Embedding a whole split with a jitted encoder, batches split over the mesh's batch axes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from jaxretrieval.sharding import batch_sharding, replicated_host_array
+
+
+def embed_all(encode: Callable[[jax.Array], jax.Array], inputs: np.ndarray, batch_size: int,
+              mesh: Mesh) -> np.ndarray:
+    """Runs `encode` over `inputs` in batches; the last batch is padded to the batch size, then trimmed.
+
+    `inputs` is held in full by every process (each places its own shards), so this is correct on many
+    hosts, and the outputs come back gathered to every host.
+    """
+    devices = mesh.devices.size
+    batch_size = max(devices, batch_size - batch_size % devices)
+    sharding = batch_sharding(mesh)
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        rows = len(chunk)
+        if rows < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - rows, axis=0)])
+        result = encode(replicated_host_array(chunk, sharding))
+        outputs.append(np.asarray(multihost_utils.process_allgather(result, tiled=True))[:rows])
+    return np.concatenate(outputs)

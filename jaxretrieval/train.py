@@ -1,0 +1,179 @@
+"""`python -m jaxretrieval.train --config FILE [--workdir DIR] [key.path=value ...]`
+
+One loop for every system: data -> jitted, sharded train step -> metrics, evaluation, checkpoints.
+Writes DIR/metrics.jsonl, DIR/eval/step_N.json and DIR/checkpoints/, and resumes from the newest
+checkpoint in DIR (parameters, optimizer state and data position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from jaxretrieval import checkpoint
+from jaxretrieval.config import Config, ConfigError, load_config, save_config, to_dict
+from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer, train_loader
+from jaxretrieval.data.sources import DataError
+from jaxretrieval.evaluate import evaluate_retrieval
+from jaxretrieval.losses import contrastive_loss
+from jaxretrieval.models import abstract_model, init_params
+from jaxretrieval.optim import learning_rate, make_optimizer
+from jaxretrieval.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
+
+log = logging.getLogger("jaxretrieval.train")
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        image, text, scale = model(batch["image"], batch["text"])
+        return contrastive_loss(image, text, scale, batch["group"]), scale
+
+    def train_step(params, opt_state, batch):
+        (loss, scale), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "logit_scale": scale}
+
+    return train_step
+
+
+class MetricsLog:
+    """Appends one JSON object per line to DIR/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(config: Config, workdir: str | Path) -> dict[str, Any]:
+    """Trains to `config.train.steps`, resuming from DIR if it holds a checkpoint; returns the last eval."""
+    workdir = Path(workdir)
+    is_main = jax.process_index() == 0
+    cfg = config.train
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        save_config(config, workdir / "config.yaml")
+
+    root = data_root(config)
+    tokenizer = make_tokenizer(config, root)
+    loader = train_loader(config, caption_source(config, root, "train"), tokenizer)
+    eval_data = eval_inputs(config, caption_source(config, root, config.eval.split), tokenizer)
+
+    mesh = make_mesh(config.mesh)
+    graphdef, abstract_params = abstract_model(config.model, precision=cfg.precision)
+    param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
+    tx = make_optimizer(cfg)
+    opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
+    params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    data_iterator = iter(loader)
+
+    mngr = checkpoint.manager(workdir / "checkpoints", keep=cfg.keep_checkpoints)
+    start = mngr.latest_step() or 0
+    if start:
+        restored = checkpoint.restore(mngr, start, params=params, opt_state=opt_state, data_iterator=data_iterator)
+        params, opt_state = restored["params"], restored["opt_state"]
+        log.info("resumed from %s at step %d", mngr.directory, start)
+    meta = {"config": to_dict(config), "tokenizer": tokenizer.to_spec()}
+
+    step_fn = jax.jit(make_train_step(graphdef, tx),
+                      in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh)),
+                      out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
+                      donate_argnums=(0, 1))
+    lr_at = learning_rate(cfg)
+    metrics_log = MetricsLog(workdir / "metrics.jsonl", is_main)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (is_main and cfg.progress_bar), unit="step",
+               dynamic_ncols=True)
+
+    window: list[dict[str, float]] = []
+    window_start = time.perf_counter()
+    last_eval: dict[str, Any] = {}
+
+    def record(step: int, metrics: dict[str, jax.Array]) -> None:
+        nonlocal window_start
+        values = {k: float(v) for k, v in metrics.items()}
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLoss(f"loss is {values['loss']} at step {step}; stopping (newest checkpoint: "
+                                f"{mngr.latest_step()})")
+        window.append(values)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            throughput = len(window) * cfg.batch_size / elapsed
+            bar.set_postfix(loss=f"{mean['loss']:.4f}", samples_s=f"{throughput:.0f}")
+            metrics_log.write({"step": step, **mean, "lr": float(lr_at(step - 1)), "samples_per_s": throughput})
+            window.clear()
+            window_start = time.perf_counter()
+
+    pending: tuple[int, dict[str, jax.Array]] | None = None
+    for step in range(start + 1, cfg.steps + 1):
+        batch = global_batch(next(data_iterator), mesh)
+        params, opt_state, metrics = step_fn(params, opt_state, batch)
+        # Read the previous step's metrics only now, so the host never stalls the device queue.
+        if pending is not None:
+            record(*pending)
+        pending = (step, metrics)
+        save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
+        eval_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+        if save_now or eval_now:
+            record(*pending)
+            pending = None
+        if eval_now:
+            last_eval = {"step": step, **evaluate_retrieval(graphdef, params, eval_data, mesh,
+                                                            config.eval.batch_size)}
+            if is_main:
+                (workdir / "eval").mkdir(exist_ok=True)
+                (workdir / "eval" / f"step_{step}.json").write_text(json.dumps(last_eval, indent=2) + "\n")
+                metrics_log.write({f"eval_{k}" if k != "step" else k: v for k, v in last_eval.items()})
+                bar.write(f"step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in last_eval.items()
+                                                      if k.startswith(("i2t", "t2i", "rsum"))))
+        if save_now:
+            checkpoint.save(mngr, step, params=params, opt_state=opt_state, data_iterator=data_iterator,
+                            meta={**meta, "step": step})
+    mngr.wait_until_finished()
+    bar.close()
+    return last_eval
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxretrieval.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--workdir", default=None, help="output folder (default: runs/<config name>)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    try:
+        config = load_config(args.config, args.overrides)
+        result = train(config, workdir)
+    except (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

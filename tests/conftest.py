@@ -1,0 +1,48 @@
+"""Shared fixtures: a small generated demo dataset and tiny-run configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxretrieval.config import Config, load_config
+from jaxretrieval.data.demo import generate_demo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    return generate_demo(tmp_path_factory.mktemp("demo") / "data", seed=0, num_train=256, num_test=32)
+
+
+def tiny_overrides(root: Path, **extra) -> list[str]:
+    """Overrides for a few-second run of the tiny model on the small demo dataset."""
+    values = {
+        "model.name": "tiny", "model.image.width": 32, "model.image.layers": 1, "model.image.heads": 2,
+        "model.text.width": 32, "model.text.layers": 1, "model.text.heads": 2, "model.embed_dim": 16,
+        "data.kind": "jsonl", "data.root": str(root), "train.batch_size": 16, "train.steps": 6,
+        "train.warmup_steps": 2, "train.lr": 1e-3, "train.log_every": 1, "train.checkpoint_every": 3,
+        "train.progress_bar": False, "eval.batch_size": 16,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def tiny_config(root: Path, **extra) -> Config:
+    return load_config(None, tiny_overrides(root, **extra))
+
+
+def run_python(code: str, devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs code in a fresh interpreter (JAX fixes its device count at start-up)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=timeout, cwd=REPO)
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result

@@ -1,0 +1,134 @@
+"""The train and evaluate commands end to end on a tiny model: sharding, resume, bad input, load()."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, run_python, tiny_config, tiny_overrides
+
+import jaxretrieval
+from jaxretrieval import evaluate, train
+from jaxretrieval.data.pipeline import caption_source
+from jaxretrieval.retrieval import image_text_recall
+from jaxretrieval.sharding import make_mesh
+
+CONFIG = REPO / "configs" / "demo" / "clip_tiny.yaml"
+
+
+def train_command(workdir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "jaxretrieval.train", "--config", str(CONFIG), "--workdir", str(workdir),
+            *overrides]
+
+
+def losses(workdir: Path) -> list[float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+
+
+def final_params(config, workdir: Path) -> dict:
+    _, params, meta = evaluate.restore_params(config, workdir, make_mesh(config.mesh))
+    assert meta["step"] == config.train.steps
+    return jax.tree.map(np.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    result = train.train(tiny_config(demo_root), workdir)
+    return workdir, result
+
+
+def test_train_writes_the_contract_outputs(trained):
+    workdir, result = trained
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+    assert all({"loss", "lr", "grad_norm", "samples_per_s"} <= r.keys() for r in records if "loss" in r)
+    saved = json.loads((workdir / "eval" / "step_6.json").read_text())
+    assert saved == result and set(saved) >= {"i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10",
+                                              "rsum"}
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+
+def test_eight_devices_match_one_device(demo_root, tmp_path):
+    overrides = tiny_overrides(demo_root, **{"train.steps": 20, "train.checkpoint_every": 0})
+    runs = {}
+    for devices in (1, 8):
+        workdir = tmp_path / f"d{devices}"
+        argv = train_command(workdir, overrides)[3:]
+        code = f"import sys; from jaxretrieval.train import main; sys.exit(main({argv!r}))"
+        run_python(code, devices=devices)
+        runs[devices] = losses(workdir)
+    assert len(runs[1]) == 20
+    np.testing.assert_allclose(runs[8], runs[1], atol=1e-5, rtol=0)
+    assert runs[1][-1] < runs[1][0]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(demo_root, tmp_path):
+    extra = {"train.steps": 150, "train.checkpoint_every": 10, "train.log_every": 50}
+    overrides = tiny_overrides(demo_root, **extra)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(train_command(whole, overrides), env=env, check=True, capture_output=True, cwd=REPO)
+
+    process = subprocess.Popen(train_command(broken, overrides), env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (broken / "checkpoints" / "10").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps = [int(p.name) for p in (broken / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps and max(steps) < 150, f"the run was not interrupted part-way (checkpoints {steps})"
+
+    subprocess.run(train_command(broken, overrides), env=env, check=True, capture_output=True, cwd=REPO)
+    config = tiny_config(demo_root, **extra)
+    want, got = final_params(config, whole), final_params(config, broken)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_non_finite_loss_stops_naming_the_step(demo_root, tmp_path):
+    config = tiny_config(demo_root, **{"train.lr": 1e38, "train.grad_clip": 0, "train.warmup_steps": 0})
+    with pytest.raises(train.NonFiniteLoss, match=r"loss is (nan|inf|-inf) at step \d+"):
+        train.train(config, tmp_path)
+
+
+def test_config_typo_on_the_command_line(tmp_path, capsys):
+    assert train.main(["--config", str(CONFIG), "--workdir", str(tmp_path), "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.stepz'" in err and "did you mean 'train.steps'" in err
+
+
+def test_evaluate_command_and_load_agree(trained, tmp_path):
+    workdir, result = trained
+    output = tmp_path / "metrics.json"
+    assert evaluate.main(["--checkpoint", str(workdir), "--output", str(output)]) == 0
+    metrics = json.loads(output.read_text())
+    for key in ("i2t_R1", "i2t_R5", "i2t_R10", "t2i_R1", "t2i_R5", "t2i_R10", "rsum"):
+        assert metrics[key] == pytest.approx(result[key])
+
+    model, preprocess, tokenizer = jaxretrieval.load(workdir / "checkpoints" / "6")
+    config = evaluate.saved_config(workdir)
+    source = caption_source(config, Path(config.data.root), "test")
+    pixels = np.stack([preprocess(path) for path in source.images()])
+    images = np.asarray(model.encode_image(pixels, normalize=True))
+    texts = np.asarray(model.encode_text(tokenizer([r.caption for r in source.records]), normalize=True))
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1.0, atol=1e-5)
+    recall = image_text_recall(images @ texts.T, np.asarray(source.text_to_image()))
+    for key in ("i2t_R1", "t2i_R1", "rsum"):
+        assert recall[key] == pytest.approx(metrics[key])
+
+
+def test_checkpoint_of_another_model_size_is_named(trained, capsys):
+    workdir, _ = trained
+    assert evaluate.main(["--checkpoint", str(workdir), "model.text.width=48", "model.text.heads=2"]) == 2
+    err = capsys.readouterr().err
+    assert "parameter 'text/" in err and "has shape" in err and "expects" in err
