@@ -58,18 +58,29 @@ def test_train_writes_the_contract_outputs(trained):
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
 
 
-def test_eight_devices_match_one_device(demo_root, tmp_path):
+FSDP_RULES = '[["kernel$", ["fsdp", null]], ["token_embedding/embedding$", [null, "fsdp"]]]'
+
+
+def run_in_subprocess(workdir: Path, overrides: list[str], devices: int) -> list[float]:
+    argv = train_command(workdir, overrides)[3:]
+    run_python(f"import sys; from jaxretrieval.train import main; sys.exit(main({argv!r}))", devices=devices)
+    return losses(workdir)
+
+
+@pytest.fixture(scope="module")
+def twenty_steps(demo_root, tmp_path_factory):
+    """Overrides for 20 steps, and the losses of that run on one device."""
     overrides = tiny_overrides(demo_root, **{"train.steps": 20, "train.checkpoint_every": 0})
-    runs = {}
-    for devices in (1, 8):
-        workdir = tmp_path / f"d{devices}"
-        argv = train_command(workdir, overrides)[3:]
-        code = f"import sys; from jaxretrieval.train import main; sys.exit(main({argv!r}))"
-        run_python(code, devices=devices)
-        runs[devices] = losses(workdir)
-    assert len(runs[1]) == 20
-    np.testing.assert_allclose(runs[8], runs[1], atol=1e-5, rtol=0)
-    assert runs[1][-1] < runs[1][0]
+    return overrides, run_in_subprocess(tmp_path_factory.mktemp("one_device"), overrides, devices=1)
+
+
+@pytest.mark.parametrize("layout", ["data", "data+fsdp"])
+def test_eight_devices_match_one_device(twenty_steps, tmp_path, layout):
+    overrides, reference = twenty_steps
+    sharded = {"data": [], "data+fsdp": ["mesh.data=4", "mesh.fsdp=2", f"sharding={FSDP_RULES}"]}[layout]
+    got = run_in_subprocess(tmp_path, overrides + sharded, devices=8)
+    assert len(reference) == 20 and reference[-1] < reference[0]
+    np.testing.assert_allclose(got, reference, atol=1e-5, rtol=0)
 
 
 def test_resume_after_kill_matches_uninterrupted_run(demo_root, tmp_path):
@@ -132,3 +143,11 @@ def test_checkpoint_of_another_model_size_is_named(trained, capsys):
     assert evaluate.main(["--checkpoint", str(workdir), "model.text.width=48", "model.text.heads=2"]) == 2
     err = capsys.readouterr().err
     assert "parameter 'text/" in err and "has shape" in err and "expects" in err
+
+
+def test_bf16_compute_keeps_float32_parameters(demo_root, tmp_path):
+    config = tiny_config(demo_root, **{"train.precision": "bf16", "train.steps": 3})
+    train.train(config, tmp_path)
+    assert all(np.isfinite(losses(tmp_path)))
+    _, params, _ = evaluate.restore_params(config, tmp_path, make_mesh(config.mesh))
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype("float32")}
