@@ -118,6 +118,20 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
+# Names users bring from other trainers, pointed at ours in "did you mean" hints.
+ALIASES = {"learning_rate": "lr", "warmup": "warmup_steps", "epochs": "steps", "num_workers": "workers",
+           "clip_grad": "grad_clip", "max_grad_norm": "grad_clip", "wd": "weight_decay"}
+
+
+def _nearest(key: str, names: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    aliases = [alias for alias, name in ALIASES.items() if name in names]
+    close = difflib.get_close_matches(key, aliases, n=1, cutoff=0.7)
+    return ALIASES[close[0]] if close else None
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -149,6 +163,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if tp in (int, float, str, bool) and not isinstance(value, tp):
@@ -165,8 +181,8 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+            close = _nearest(str(key), names)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close}'?" if close else ""
             raise ConfigError(f"unknown config key '{path}'{hint} (valid here: {', '.join(names)})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -205,7 +221,9 @@ def _parse_override(text: str) -> dict[str, Any]:
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Validates a raw nested dict (file contents merged with overrides) into a Config."""
-    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
     model = raw.get("model") or {}
     name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
     if name not in MODEL_PRESETS:
@@ -253,9 +271,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = _merge(raw, loaded)
     for override in overrides:
         raw = _merge(raw, _parse_override(override))
     if overrides:

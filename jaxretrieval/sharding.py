@@ -18,6 +18,9 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = [config.data, config.fsdp, config.tensor]
+    for axis, size in zip(MESH_AXES, sizes, strict=True):
+        if size != -1 and size < 1:
+            raise ValueError(f"mesh.{axis} must be -1 (the devices left over) or >= 1, got {size}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: only one axis may be -1, got {dict(zip(MESH_AXES, sizes, strict=True))}")
