@@ -90,13 +90,14 @@ def test_unreadable_image_is_named_when_decoded(demo_root, tmp_path):
             pass
 
 
-def test_unreadable_image_skipped_when_allowed(demo_root, tmp_path):
+def test_unreadable_image_skipped_when_allowed(demo_root, tmp_path, caplog):
     root = copy_demo(demo_root, tmp_path / "data")
     (root / "images" / "train_00003.png").write_bytes(b"garbage")
     config = tiny_config(root, **{"train.batch_size": 8, "data.skip_bad_records": True})
     loader = train_loader(config, caption_source(config, root, "train"), make_tokenizer(config, root))
-    batches = [batch for _, batch in zip(range(40), loader, strict=False)]
+    batches = [batch for _, batch in zip(range(100), loader, strict=False)]  # over one epoch
     assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
+    assert "train_00003.png cannot be read" in caplog.text and "unreadable images skipped so far" in caplog.text
 
 
 def test_batches_have_the_contract_shapes_and_normalisation(demo_root):

@@ -63,6 +63,7 @@ class EncodePair(grain.transforms.RandomMap):
         self.tokenizer = tokenizer
         self.flip = flip
         self.skip_bad = skip_bad
+        self.skipped = 0  # per process: each grain worker counts its own
 
     def random_map(self, record: CaptionRecord, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
         try:
@@ -70,7 +71,8 @@ class EncodePair(grain.transforms.RandomMap):
         except DataError as e:
             if not self.skip_bad:
                 raise
-            log.warning("skipping %s", e)
+            self.skipped += 1
+            log.warning("skipping %s (%d unreadable images skipped so far in this process)", e, self.skipped)
             return None
         if self.flip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
