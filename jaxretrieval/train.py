@@ -13,12 +13,14 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxretrieval import checkpoint
@@ -53,6 +55,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
     return train_step
 
 
+def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any, Callable]:
+    """(graphdef, params, optimizer state, jitted step): fresh state placed by the partition rules."""
+    cfg = config.train
+    graphdef, abstract_params = abstract_model(config.model, precision=cfg.precision)
+    param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
+    tx = make_optimizer(cfg)
+    opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
+    params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    step_fn = jax.jit(make_train_step(graphdef, tx),
+                      in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh)),
+                      out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
+                      donate_argnums=(0, 1))
+    return graphdef, params, opt_state, step_fn
+
+
 class MetricsLog:
     """Appends one JSON object per line to DIR/metrics.jsonl (process 0 only)."""
 
@@ -81,12 +99,7 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     eval_data = eval_inputs(config, caption_source(config, root, config.eval.split), tokenizer)
 
     mesh = make_mesh(config.mesh)
-    graphdef, abstract_params = abstract_model(config.model, precision=cfg.precision)
-    param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
-    tx = make_optimizer(cfg)
-    opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
-    params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    graphdef, params, opt_state, step_fn = setup_training(config, mesh)
     data_iterator = iter(loader)
 
     mngr = checkpoint.manager(workdir / "checkpoints", keep=cfg.keep_checkpoints)
@@ -97,10 +110,6 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
         log.info("resumed from %s at step %d", mngr.directory, start)
     meta = {"config": to_dict(config), "tokenizer": tokenizer.to_spec()}
 
-    step_fn = jax.jit(make_train_step(graphdef, tx),
-                      in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh)),
-                      out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
-                      donate_argnums=(0, 1))
     lr_at = learning_rate(cfg)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", is_main)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (is_main and cfg.progress_bar), unit="step",

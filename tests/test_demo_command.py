@@ -1,0 +1,23 @@
+"""The README's first quick-start command, run as a user would: it must train, evaluate and beat chance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_demo_command_trains_and_beats_chance_tenfold(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "jaxretrieval.demo", "--workdir", "runs/demo"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "demo" / "eval" / "final.json").read_text())
+    assert (metrics["num_images"], metrics["num_texts"]) == (200, 600)
+    assert metrics["step"] == 300
+    chance = 100.0 / metrics["num_images"]
+    assert metrics["t2i_R1"] >= 10 * chance, metrics
+    assert "text -> image" in result.stdout and "image -> text" in result.stdout
