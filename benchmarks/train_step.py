@@ -1,14 +1,15 @@
 """One full CLIP train step, jaxretrieval against open_clip (PyTorch), same model, batch and machine.
 
 `python benchmarks/train_step.py --model vit_b32 --batch 16 --steps 10 --warmup 3 [--precision fp32|bf16]
-[--threads N] [--json FILE]`
+[--threads N] [--rounds R] [--json FILE]`
 
 A step is: forward through both towers, symmetric InfoNCE, backward, global-norm gradient clipping and an
 AdamW update. The jax side is jaxretrieval's own `make_train_step`, jitted with a one-device mesh and the
 trainer's shardings; the torch side is open_clip's model and `ClipLoss` with `torch.optim.AdamW` and
 `clip_grad_norm_`, using the same hyper-parameters and the same weight-decay mask (matrices only). Both get
 the same random batch. Time per step is the median of --steps synchronised steps after --warmup steps (the
-first warmup step, which includes jax's compilation, is reported separately).
+first warmup step, which includes jax's compilation, is reported separately). Each framework runs in a fresh
+child process pinned to --threads cores; --rounds alternates them and reports the median round.
 """
 
 from __future__ import annotations
@@ -56,23 +57,11 @@ def random_batch(model_config: Any, batch: int, seed: int = 0) -> dict[str, np.n
 def bench_jax(config: Any, host_batch: dict[str, np.ndarray], warmup: int, steps: int) -> dict[str, Any]:
     import jax
 
-    from jaxretrieval.models import abstract_model, init_params
-    from jaxretrieval.optim import make_optimizer
-    from jaxretrieval.sharding import batch_sharding, make_mesh, replicated, tree_shardings
-    from jaxretrieval.train import make_train_step
+    from jaxretrieval.sharding import batch_sharding, make_mesh
+    from jaxretrieval.train import setup_training
 
-    cfg = config.train
     mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
-    graphdef, abstract_params = abstract_model(config.model, precision=cfg.precision)
-    param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
-    tx = make_optimizer(cfg)
-    opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
-    params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step_fn = jax.jit(make_train_step(graphdef, tx),
-                      in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh)),
-                      out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
-                      donate_argnums=(0, 1))
+    _, params, opt_state, step_fn = setup_training(config, mesh)
     batch = jax.device_put(host_batch, batch_sharding(mesh))
     state = {"params": params, "opt_state": opt_state}
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -181,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows and environment to this file")
     args = parser.parse_args(argv)
 
-    # Pin the process before jax or torch start their thread pools: XLA's CPU client sizes its pool by the
-    # schedulable cores, and torch is told the same number, so both run on the same cores.
+    frameworks = args.frameworks.split(",")
+    if not frameworks or set(frameworks) - {"jax", "torch"}:
+        parser.error(f"--frameworks takes jax, torch or both, not {args.frameworks!r}")
     cores = sorted(os.sched_getaffinity(0))
     threads = min(args.threads or len(cores), len(cores))
     env = environment(threads)
-    frameworks = args.frameworks.split(",")
     if len(frameworks) > 1:
         print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
         runs = [run_isolated(name, argv) for _ in range(args.rounds) for name in frameworks]
@@ -196,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             median = sorted(mine, key=lambda r: r["step_s"])[(len(mine) - 1) // 2]
             rows.append({**median, "round_step_s": [r["step_s"] for r in mine]})
     else:
+        # Pinned before jax or torch start their thread pools: XLA's CPU client sizes its pool by the
+        # schedulable cores, and torch is told the same number, so both use the same cores.
         os.sched_setaffinity(0, cores[:threads])
         import torch
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 def data_root(config: Config) -> Path:
     """The dataset folder; a demo dataset is generated there on first use (deterministic, no download)."""
     data = config.data
+    if not data.root and data.kind != "demo":
+        raise DataError(f"data.root must name the dataset folder for data.kind={data.kind}")
     root = Path(data.root or "data/demo").expanduser()
     if data.kind == "demo":
         generate_demo(root, seed=data.demo_seed, num_train=data.demo_num_train, num_test=data.demo_num_test)
