@@ -136,3 +136,23 @@ def test_eval_inputs_align_captions_with_gallery(demo_root):
     images, tokens, text_to_image = eval_inputs(config, source, make_tokenizer(config, demo_root))
     assert len(images) == len(set(text_to_image)) and tokens.shape[0] == len(text_to_image)
     assert images[0:5].shape == (5, 32, 32, 3)
+
+
+def test_vocabulary_command_writes_a_vocab_the_tokenizer_reads(demo_root, tmp_path):
+    from jaxretrieval.data.tokenizers import WordTokenizer
+    from jaxretrieval.data.vocab import build_vocabulary, main
+
+    assert build_vocabulary(["b a b", "c b a", "d"], min_count=2) == ["b", "a"]
+    output = tmp_path / "vocab.txt"
+    assert main([str(demo_root / "train.jsonl"), "--output", str(output)]) == 0
+    tokenizer = WordTokenizer.from_file(output, 32)
+    captions = [json.loads(line)["caption"] for line in (demo_root / "test.jsonl").read_text().splitlines()]
+    assert not np.any(tokenizer(captions) == tokenizer.unk_id)
+
+
+def test_missing_vocabulary_is_a_data_error(demo_root, tmp_path):
+    root = copy_demo(demo_root, tmp_path / "data")
+    (root / "vocab.txt").unlink()
+    config = tiny_config(root)
+    with pytest.raises(DataError, match="vocab.txt"):
+        make_tokenizer(config, root)

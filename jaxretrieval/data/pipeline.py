@@ -37,7 +37,10 @@ def data_root(config: Config) -> Path:
 
 
 def make_tokenizer(config: Config, root: Path) -> WordTokenizer:
-    tokenizer = WordTokenizer.from_file(root / config.data.tokenizer, config.model.text.context_length)
+    try:
+        tokenizer = WordTokenizer.from_file(root / config.data.tokenizer, config.model.text.context_length)
+    except (OSError, ValueError) as e:
+        raise DataError(str(e)) from None
     if tokenizer.vocab_size > config.model.text.vocab_size:
         raise DataError(f"tokenizer {root / config.data.tokenizer} has {tokenizer.vocab_size} ids but "
                         f"model.text.vocab_size is {config.model.text.vocab_size}")

@@ -54,7 +54,8 @@ def _parse_line(text: str, where: str) -> dict:
 class CaptionSource:
     """Caption records of one annotation file; usable as a grain RandomAccessDataSource."""
 
-    def __init__(self, annotation_file: str | Path, root: str | Path | None = None, *, skip_bad: bool = False):
+    def __init__(self, annotation_file: str | Path, root: str | Path | None = None, *, skip_bad: bool = False,
+                 check_images: bool = True):
         path = Path(annotation_file)
         root = Path(root) if root is not None else path.parent
         if not path.is_file():
@@ -71,7 +72,7 @@ class CaptionSource:
                 try:
                     item = _parse_line(text, where)
                     image = root / item["image"]
-                    if not image.is_file():
+                    if check_images and not image.is_file():
                         raise DataError(f"{where}: image file {image} does not exist")
                 except DataError as e:
                     if not skip_bad:
