@@ -36,7 +36,8 @@ class RetrievalModel:
 
     @property
     def logit_scale(self) -> float:
-        return float(np.exp(self.params["logit_scale"]))
+        """exp(t), clamped as in training."""
+        return float(self.module.scale())
 
 
 def load(path: str | Path) -> tuple[RetrievalModel, Preprocess, object]:

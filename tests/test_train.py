@@ -128,6 +128,8 @@ def test_evaluate_command_and_load_agree(trained, tmp_path):
 
     model, preprocess, tokenizer = jaxretrieval.load(workdir / "checkpoints" / "6")
     config = evaluate.saved_config(workdir)
+    raw_scale = float(model.params["logit_scale"])
+    assert model.logit_scale == pytest.approx(np.exp(min(raw_scale, config.model.max_logit_scale)), rel=1e-6)
     source = caption_source(config, Path(config.data.root), "test")
     pixels = np.stack([preprocess(path) for path in source.images()])
     images = np.asarray(model.encode_image(pixels, normalize=True))
