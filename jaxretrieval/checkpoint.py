@@ -6,6 +6,7 @@ Layout: DIR/checkpoints/<step>/{params, opt_state, data, meta}.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,31 @@ def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any,
         data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(meta),
     ))
+
+
+def write_model(out: str | Path, params: Any, meta: dict, *, step: int = 0) -> Path:
+    """A stand-alone model checkpoint (params + meta, no optimizer or data state) at OUT/checkpoints/<step>.
+
+    Written into a temporary sibling folder and renamed into place, so a failure leaves no partial OUT.
+    `meta` holds at least {"config": ..., "tokenizer": ...}; `jaxretrieval.load`, `evaluate` and
+    `train.init_from` read such a folder.
+    """
+    out = Path(out).absolute()
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; choose a new output folder")
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        mngr = manager(staging / "checkpoints")
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                meta=ocp.args.JsonSave({**meta, "step": step})))
+        mngr.wait_until_finished()
+        mngr.close()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
 
 
 def check_shapes(expected: Any, found: Any, where: str) -> None:
