@@ -91,8 +91,21 @@ def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: A
     return dict(mngr.restore(step, args=ocp.args.Composite(**items)).items())
 
 
+def load_model(path: str | Path, params: Any) -> tuple[Any, dict]:
+    """(params, meta) of the checkpoint at `path` (see `locate`), restored into the target `params` tree."""
+    folder, step = locate(path)
+    restored = restore(manager(folder, read_only=True), step, params=params)
+    return restored["params"], restored["meta"]
+
+
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def read_meta_at(path: str | Path) -> dict:
+    """The metadata (config, tokenizer, step) of the checkpoint at `path` (see `locate`)."""
+    folder, step = locate(path)
+    return read_meta(manager(folder, read_only=True), step)
 
 
 def locate(path: str | Path) -> tuple[Path, int]:

@@ -60,7 +60,8 @@ class DataConfig:
     root: str = ""  # annotation paths and image paths are relative to this folder
     train_file: str = "train.jsonl"
     test_file: str = "test.jsonl"
-    tokenizer: str = "vocab.txt"  # word-level vocabulary file under root (CLIP BPE arrives with `convert`)
+    # A word vocabulary file under root, or "checkpoint": the tokenizer saved with train.init_from.
+    tokenizer: str = "vocab.txt"
     workers: int = 0  # grain worker processes; 0 decodes in the training process
     skip_bad_records: bool = False  # False: a bad image or line is an error; True: skipped and counted
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
@@ -85,6 +86,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global norm; 0 disables
     precision: str = "fp32"  # fp32, or bf16: bf16 compute with fp32 parameters and optimizer state
     seed: int = 0
+    init_from: str = ""  # a model checkpoint (converted or trained) to start from when DIR has none
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 200

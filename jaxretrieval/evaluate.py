@@ -18,8 +18,9 @@ from jax.sharding import Mesh
 
 from jaxretrieval import checkpoint
 from jaxretrieval.config import Config, ConfigError, load_config
-from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer
+from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs
 from jaxretrieval.data.sources import DataError
+from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, image_text_recall
 from jaxretrieval.sharding import make_mesh, tree_shardings
@@ -45,20 +46,17 @@ def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs, mesh: Mesh,
 
 def restore_params(config: Config, path: str | Path, mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, params placed on the mesh, checkpoint metadata) for the model `config` describes."""
-    folder, step = checkpoint.locate(path)
-    mngr = checkpoint.manager(folder, read_only=True)
     graphdef, abstract = abstract_model(config.model, precision=config.train.precision)
     shardings = tree_shardings(abstract, mesh, config.sharding)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    restored = checkpoint.restore(mngr, step, params=target)
-    return graphdef, restored["params"], restored["meta"]
+    params, meta = checkpoint.load_model(path, target)
+    return graphdef, params, meta
 
 
 def saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The config a checkpoint was trained with, with overrides applied."""
-    folder, step = checkpoint.locate(path)
-    meta = checkpoint.read_meta(checkpoint.manager(folder, read_only=True), step)
-    return load_config(None, overrides, base=meta["config"], source=f"config saved in {folder / str(step)}")
+    meta = checkpoint.read_meta_at(path)
+    return load_config(None, overrides, base=meta["config"], source=f"config saved with checkpoint {path}")
 
 
 def run(config: Config, checkpoint_path: str | Path) -> dict:
@@ -66,7 +64,8 @@ def run(config: Config, checkpoint_path: str | Path) -> dict:
     graphdef, params, meta = restore_params(config, checkpoint_path, mesh)
     root = data_root(config)
     source = caption_source(config, root, config.eval.split)
-    inputs = eval_inputs(config, source, make_tokenizer(config, root))
+    # The tokenizer the model was trained (or converted) with, as saved in its checkpoint.
+    inputs = eval_inputs(config, source, build_tokenizer(meta["tokenizer"]))
     metrics = evaluate_retrieval(graphdef, params, inputs, mesh, config.eval.batch_size)
     metrics["step"] = meta.get("step")
     return metrics

@@ -93,8 +93,9 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     if is_main:
         save_config(config, workdir / "config.yaml")
 
+    init_meta = checkpoint.read_meta_at(cfg.init_from) if cfg.init_from else {}
     root = data_root(config)
-    tokenizer = make_tokenizer(config, root)
+    tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
     loader = train_loader(config, caption_source(config, root, "train"), tokenizer)
     eval_data = eval_inputs(config, caption_source(config, root, config.eval.split), tokenizer)
 
@@ -108,6 +109,9 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
         restored = checkpoint.restore(mngr, start, params=params, opt_state=opt_state, data_iterator=data_iterator)
         params, opt_state = restored["params"], restored["opt_state"]
         log.info("resumed from %s at step %d", mngr.directory, start)
+    elif cfg.init_from:
+        params, _ = checkpoint.load_model(cfg.init_from, params)
+        log.info("initialised from %s", cfg.init_from)
     meta = {"config": to_dict(config), "tokenizer": tokenizer.to_spec()}
 
     lr_at = learning_rate(cfg)

@@ -18,6 +18,7 @@ from conftest import REPO, run_python, tiny_config, tiny_overrides
 import jaxretrieval
 from jaxretrieval import evaluate, train
 from jaxretrieval.data.pipeline import caption_source
+from jaxretrieval.data.sources import DataError
 from jaxretrieval.retrieval import image_text_recall
 from jaxretrieval.sharding import make_mesh
 
@@ -153,3 +154,18 @@ def test_bf16_compute_keeps_float32_parameters(demo_root, tmp_path):
     assert all(np.isfinite(losses(tmp_path)))
     _, params, _ = evaluate.restore_params(config, tmp_path, make_mesh(config.mesh))
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype("float32")}
+
+
+def test_init_from_starts_at_the_given_checkpoint(trained, demo_root, tmp_path):
+    source, _ = trained
+    config = tiny_config(demo_root, **{"train.init_from": str(source), "data.tokenizer": "checkpoint",
+                                       "train.lr": 0.0, "train.end_lr": 0.0, "train.steps": 2})
+    train.train(config, tmp_path)
+    start = jax.tree.map(np.asarray, evaluate.restore_params(config, source, make_mesh(config.mesh))[1])
+    jax.tree.map(np.testing.assert_array_equal, final_params(config, tmp_path), start)
+
+
+def test_tokenizer_from_checkpoint_needs_init_from(demo_root, tmp_path):
+    config = tiny_config(demo_root, **{"data.tokenizer": "checkpoint"})
+    with pytest.raises(DataError, match="needs train.init_from"):
+        train.train(config, tmp_path)

@@ -17,7 +17,7 @@ import numpy as np
 from jaxretrieval.config import Config
 from jaxretrieval.data.demo import generate_demo
 from jaxretrieval.data.sources import CaptionSource, DataError
-from jaxretrieval.data.tokenizers import WordTokenizer
+from jaxretrieval.data.tokenizers import Tokenizer, WordTokenizer, build_tokenizer
 from jaxretrieval.data.transforms import DropSkipped, EncodePair, Preprocess
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,21 @@ def data_root(config: Config) -> Path:
     return root
 
 
-def make_tokenizer(config: Config, root: Path) -> WordTokenizer:
+def make_tokenizer(config: Config, root: Path, saved: dict | None = None) -> Tokenizer:
+    """The tokenizer `data.tokenizer` names; `saved` is the spec stored with the init checkpoint."""
+    name = config.data.tokenizer
     try:
-        tokenizer = WordTokenizer.from_file(root / config.data.tokenizer, config.model.text.context_length)
+        if name == "checkpoint":
+            if saved is None:
+                raise DataError("data.tokenizer=checkpoint needs train.init_from (a checkpoint with a tokenizer)")
+            tokenizer = build_tokenizer(saved)
+        else:
+            tokenizer = WordTokenizer.from_file(root / name, config.model.text.context_length)
     except (OSError, ValueError) as e:
         raise DataError(str(e)) from None
     if tokenizer.vocab_size > config.model.text.vocab_size:
-        raise DataError(f"tokenizer {root / config.data.tokenizer} has {tokenizer.vocab_size} ids but "
-                        f"model.text.vocab_size is {config.model.text.vocab_size}")
+        raise DataError(f"tokenizer '{name}' has {tokenizer.vocab_size} ids but model.text.vocab_size is "
+                        f"{config.model.text.vocab_size}")
     return tokenizer
 
 
@@ -58,7 +65,7 @@ def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
     return CaptionSource(root / name, root, skip_bad=config.data.skip_bad_records)
 
 
-def train_loader(config: Config, source: CaptionSource, tokenizer: WordTokenizer) -> grain.DataLoader:
+def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer) -> grain.DataLoader:
     """Endless shuffled batches of this process's share of the global batch."""
     processes = jax.process_count()
     if config.train.batch_size % processes:
@@ -100,7 +107,7 @@ class GalleryImages:
         return np.stack([self.preprocess(path) for path in paths])
 
 
-def eval_inputs(config: Config, source: CaptionSource, tokenizer: WordTokenizer):
+def eval_inputs(config: Config, source: CaptionSource, tokenizer: Tokenizer):
     """(gallery images, caption tokens, text_to_image) of an evaluation split."""
     images = GalleryImages(source.images(), make_preprocess(config), threads=config.data.workers)
     tokens = tokenizer([record.caption for record in source.records])

@@ -18,6 +18,8 @@ def _clip(embed: int, image: tuple[int, int, int, int, int], text: tuple[int, in
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # No preset: every size comes from the config (what `convert` writes for sizes no preset names).
+    "custom": {},
     # Small enough for the test suite and the CPU demo; the text side follows the demo tokenizer.
     "tiny": {
         "embed_dim": 64,
