@@ -21,18 +21,9 @@ def find_demo_config() -> Path:
     raise SystemExit(f"error: {DEMO_CONFIG} not found; run the demo from the jaxretrieval repository root")
 
 
-def recall_table(metrics: dict) -> str:
-    rows = [("image -> text", "i2t"), ("text -> image", "t2i")]
-    lines = [f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
-    for label, prefix in rows:
-        lines.append(f"{label:16}" + "".join(f"{metrics[f'{prefix}_R{k}']:8.1f}" for k in (1, 5, 10)))
-    lines.append(f"rsum {metrics['rsum']:.1f}; gallery {metrics['num_images']} images, "
-                 f"{metrics['num_texts']} captions (t2i R@1 by chance: {100 / metrics['num_images']:.2f}%)")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     from jaxretrieval import evaluate, train
+    from jaxretrieval.retrieval import recall_table
 
     parser = argparse.ArgumentParser(prog="python -m jaxretrieval.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="runs/demo")

@@ -156,3 +156,18 @@ def test_missing_vocabulary_is_a_data_error(demo_root, tmp_path):
     config = tiny_config(root)
     with pytest.raises(DataError, match="vocab.txt"):
         make_tokenizer(config, root)
+
+
+def test_tab_separated_captions_and_optional_image_id(demo_root, tmp_path):
+    items = [json.loads(line) for line in (demo_root / "test.jsonl").read_text().splitlines()[:6]]
+    tsv = write_lines(tmp_path / "captions.tsv", [f"{it['image']}\t{it['caption']}" for it in items])
+    jsonl = write_lines(tmp_path / "no_ids.jsonl",
+                        [json.dumps({"image": it["image"], "caption": it["caption"]}) for it in items])
+    reference = CaptionSource(demo_root / "test.jsonl")
+    for path in (tsv, jsonl):
+        source = CaptionSource(path, demo_root)
+        assert [r.caption for r in source.records] == [it["caption"] for it in items]
+        assert source.text_to_image() == reference.text_to_image()[:6]
+    bad = write_lines(tmp_path / "bad.tsv", [f"{items[0]['image']}\t{items[0]['caption']}", "no tab here"])
+    with pytest.raises(DataError, match=r"bad.tsv:2: expected 'image path<TAB>caption'"):
+        CaptionSource(bad, demo_root)

@@ -169,3 +169,19 @@ def test_tokenizer_from_checkpoint_needs_init_from(demo_root, tmp_path):
     config = tiny_config(demo_root, **{"data.tokenizer": "checkpoint"})
     with pytest.raises(DataError, match="needs train.init_from"):
         train.train(config, tmp_path)
+
+
+def test_retrieve_command_on_a_folder_and_caption_file(trained, demo_root, tmp_path, capsys):
+    from jaxretrieval import retrieve
+
+    workdir, result = trained
+    lines = [json.loads(line) for line in (demo_root / "test.jsonl").read_text().splitlines()]
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("".join(f"{item['image']}\t{item['caption']}\n" for item in lines))
+    output = tmp_path / "zero_shot.json"
+    assert retrieve.main(["--checkpoint", str(workdir), "--images", str(demo_root), "--captions", str(captions),
+                          "--output", str(output)]) == 0
+    metrics = json.loads(output.read_text())
+    for key in ("i2t_R1", "i2t_R10", "t2i_R1", "t2i_R10", "rsum", "num_images", "num_texts"):
+        assert metrics[key] == pytest.approx(result[key])
+    assert "text -> image" in capsys.readouterr().out

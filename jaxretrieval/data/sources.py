@@ -36,7 +36,7 @@ class SkipCounts:
         return self.malformed_lines + self.missing_images
 
 
-def _parse_line(text: str, where: str) -> dict:
+def _parse_json_line(text: str, where: str) -> dict:
     try:
         item = json.loads(text)
     except json.JSONDecodeError as e:
@@ -45,14 +45,26 @@ def _parse_line(text: str, where: str) -> dict:
         raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
     for key, types in (("image", str), ("caption", str), ("image_id", (str, int))):
         if key not in item:
+            if key == "image_id":  # optional: captions of one image path form its group
+                continue
             raise DataError(f"{where}: missing key '{key}'")
         if not isinstance(item[key], types) or isinstance(item[key], bool):
             raise DataError(f"{where}: key '{key}' has the wrong type ({type(item[key]).__name__})")
     return item
 
 
+def _parse_tab_line(text: str, where: str) -> dict:
+    image, tab, caption = text.rstrip("\r\n").partition("\t")
+    if not tab or not image.strip() or not caption.strip():
+        raise DataError(f"{where}: expected 'image path<TAB>caption'")
+    return {"image": image.strip(), "caption": caption.strip()}
+
+
 class CaptionSource:
-    """Caption records of one annotation file; usable as a grain RandomAccessDataSource."""
+    """Caption records of one annotation file; usable as a grain RandomAccessDataSource.
+
+    `.tsv` and `.txt` files hold `image path<TAB>caption` lines; any other file JSON lines.
+    """
 
     def __init__(self, annotation_file: str | Path, root: str | Path | None = None, *, skip_bad: bool = False,
                  check_images: bool = True):
@@ -64,13 +76,14 @@ class CaptionSource:
         self.skipped = SkipCounts()
         groups: dict[str | int, int] = {}
         records = []
+        parse = _parse_tab_line if path.suffix in (".tsv", ".txt") else _parse_json_line
         with path.open(encoding="utf-8") as f:
             for number, text in enumerate(f, start=1):
                 if not text.strip():
                     continue
                 where = f"{path}:{number}"
                 try:
-                    item = _parse_line(text, where)
+                    item = parse(text, where)
                     image = root / item["image"]
                     if check_images and not image.is_file():
                         raise DataError(f"{where}: image file {image} does not exist")
@@ -82,7 +95,7 @@ class CaptionSource:
                     self.skipped.missing_images += int(missing)
                     self.skipped.malformed_lines += int(not missing)
                     continue
-                group = groups.setdefault(item["image_id"], len(groups))
+                group = groups.setdefault(item.get("image_id", item["image"]), len(groups))
                 records.append(CaptionRecord(str(image), item["caption"], group))
         if not records:
             raise DataError(f"{path}: no usable records")

@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from jaxretrieval.data.clip_bpe import ClipTokenizer
+
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -163,6 +165,7 @@ class WordTokenizer:
 
 _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Tokenizer]] = {
     WordTokenizer.kind: WordTokenizer.from_spec,
+    ClipTokenizer.kind: ClipTokenizer.from_spec,
 }
 
 

@@ -50,3 +50,13 @@ def image_text_recall(similarity: np.ndarray, text_to_image: np.ndarray,
             out[f"{name}_R{k}"] = float(100.0 * np.mean(ranks < k))
     out["rsum"] = float(sum(out[f"{n}_R{k}"] for n in ("i2t", "t2i") for k in ks))
     return out
+
+
+def recall_table(metrics: dict) -> str:
+    """The image-text recall metrics as a small text table, with the gallery size and chance level."""
+    lines = [f"{'':16}{'R@1':>8}{'R@5':>8}{'R@10':>8}"]
+    for label, prefix in (("image -> text", "i2t"), ("text -> image", "t2i")):
+        lines.append(f"{label:16}" + "".join(f"{metrics[f'{prefix}_R{k}']:8.1f}" for k in (1, 5, 10)))
+    lines.append(f"rsum {metrics['rsum']:.1f}; gallery {metrics['num_images']} images, "
+                 f"{metrics['num_texts']} captions (t2i R@1 by chance: {100 / metrics['num_images']:.2f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""`python -m jaxretrieval.retrieve --checkpoint PATH --images DIR --captions FILE [--output FILE]`
+
+Zero-shot retrieval on your own folder of images and captions with any checkpoint (trained here or
+converted): embeds every image and caption and prints the recall table. FILE holds one caption per line,
+`image path<TAB>caption` (.tsv/.txt) or JSON `{"image": ..., "caption": ..., "image_id"?: ...}`, image
+paths relative to DIR; captions of the same image are all correct answers for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jaxretrieval import checkpoint
+from jaxretrieval.config import ConfigError
+from jaxretrieval.data.pipeline import eval_inputs
+from jaxretrieval.data.sources import CaptionSource, DataError
+from jaxretrieval.data.tokenizers import build_tokenizer
+from jaxretrieval.evaluate import evaluate_retrieval, restore_params, saved_config
+from jaxretrieval.retrieval import recall_table
+from jaxretrieval.sharding import make_mesh
+
+
+def retrieve(checkpoint_path: str | Path, images: str | Path, captions: str | Path, *, batch_size: int = 256,
+             workers: int = 0) -> dict:
+    config = saved_config(checkpoint_path, [f"data.workers={workers}"])
+    mesh = make_mesh(config.mesh)
+    graphdef, params, meta = restore_params(config, checkpoint_path, mesh)
+    source = CaptionSource(captions, images)
+    inputs = eval_inputs(config, source, build_tokenizer(meta["tokenizer"]))
+    return evaluate_retrieval(graphdef, params, inputs, mesh, batch_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxretrieval.retrieve", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or workdir")
+    parser.add_argument("--images", required=True, help="folder the caption file's image paths are relative to")
+    parser.add_argument("--captions", required=True, help="caption file (.tsv/.txt or JSON lines)")
+    parser.add_argument("--output", help="also write the metrics as JSON here")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0, help="threads decoding images")
+    args = parser.parse_args(argv)
+    try:
+        metrics = retrieve(args.checkpoint, args.images, args.captions, batch_size=args.batch_size,
+                           workers=args.workers)
+    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n")
+    print(recall_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
