@@ -60,7 +60,8 @@ class DataConfig:
     root: str = ""  # annotation paths and image paths are relative to this folder
     train_file: str = "train.jsonl"
     test_file: str = "test.jsonl"
-    # A word vocabulary file under root, or "checkpoint": the tokenizer saved with train.init_from.
+    # Under root: a word vocabulary file, or CLIP BPE merges (*.gz); or "checkpoint": the tokenizer saved
+    # with train.init_from.
     tokenizer: str = "vocab.txt"
     workers: int = 0  # grain worker processes; 0 decodes in the training process
     skip_bad_records: bool = False  # False: a bad image or line is an error; True: skipped and counted

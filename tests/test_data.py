@@ -171,3 +171,13 @@ def test_tab_separated_captions_and_optional_image_id(demo_root, tmp_path):
     bad = write_lines(tmp_path / "bad.tsv", [f"{items[0]['image']}\t{items[0]['caption']}", "no tab here"])
     with pytest.raises(DataError, match=r"bad.tsv:2: expected 'image path<TAB>caption'"):
         CaptionSource(bad, demo_root)
+
+
+def test_clip_bpe_merges_file_as_data_tokenizer(demo_root, tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    root = copy_demo(demo_root, tmp_path / "data")
+    shutil.copy(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz", root / "bpe.txt.gz")
+    config = tiny_config(root, **{"data.tokenizer": "bpe.txt.gz", "model.text.vocab_size": 49408,
+                                  "model.text.context_length": 77})
+    tokenizer = make_tokenizer(config, root)
+    np.testing.assert_array_equal(tokenizer(["a big red circle"]), open_clip.tokenize(["a big red circle"]).numpy())

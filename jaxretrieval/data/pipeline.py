@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxretrieval.config import Config
+from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.data.demo import generate_demo
 from jaxretrieval.data.sources import CaptionSource, DataError
 from jaxretrieval.data.tokenizers import Tokenizer, WordTokenizer, build_tokenizer
@@ -44,6 +45,8 @@ def make_tokenizer(config: Config, root: Path, saved: dict | None = None) -> Tok
             if saved is None:
                 raise DataError("data.tokenizer=checkpoint needs train.init_from (a checkpoint with a tokenizer)")
             tokenizer = build_tokenizer(saved)
+        elif name.endswith(".gz"):
+            tokenizer = ClipTokenizer.from_file(root / name, config.model.text.context_length)
         else:
             tokenizer = WordTokenizer.from_file(root / name, config.model.text.context_length)
     except (OSError, ValueError) as e:
