@@ -1,0 +1,10 @@
+"""Checkpoint converters between PyTorch releases and jaxretrieval checkpoints: `python -m convert --help`."""
+
+from __future__ import annotations
+
+
+class ConvertError(ValueError):
+    """A source that cannot be converted: unknown format, missing or unexpected keys, wrong shapes."""
+
+
+__all__ = ["ConvertError"]

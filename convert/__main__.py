@@ -1,0 +1,60 @@
+"""`python -m convert FAMILY ...`: PyTorch checkpoints to jaxretrieval checkpoints and back.
+
+  python -m convert clip SRC OUT [--format openai|open_clip|hf] [--config JSON] [--image-size N] [--bpe PATH]
+  python -m convert clip-export CKPT OUT --format open_clip|hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convert import ConvertError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    families = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    clip = families.add_parser("clip", help="a PyTorch CLIP (OpenAI, open_clip, Hugging Face) -> our checkpoint")
+    clip.add_argument("src", help="OpenAI .pt, open_clip .bin/.pt/.safetensors, or a Hugging Face / open_clip folder")
+    clip.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    clip.add_argument("--format", choices=["openai", "open_clip", "hf"], help="default: told from SRC")
+    clip.add_argument("--config", help="the model's config JSON (default: open_clip_config.json or config.json "
+                                       "beside SRC)")
+    clip.add_argument("--image-size", type=int, help="resample the image positional embedding to this input size")
+    clip.add_argument("--bpe", help="CLIP BPE merges file (default: the one open_clip ships)")
+
+    export = families.add_parser("clip-export", help="our CLIP checkpoint -> open_clip or Hugging Face files")
+    export.add_argument("checkpoint", help="step folder, checkpoints folder or workdir")
+    export.add_argument("out", help="new folder for the exported model (must not exist)")
+    export.add_argument("--format", required=True, choices=["open_clip", "hf"])
+    return parser
+
+
+def _run(args: argparse.Namespace) -> str:
+    from convert.clip import export_clip, import_clip
+
+    if args.command == "clip":
+        return str(import_clip(args.src, args.out, fmt=args.format, config=args.config, image_size=args.image_size,
+                               bpe=args.bpe))
+    return str(export_clip(args.checkpoint, args.out, fmt=args.format))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from jaxretrieval.checkpoint import CheckpointError
+    from jaxretrieval.config import ConfigError
+
+    try:
+        written = _run(args)
+    except (ConvertError, CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Reading PyTorch weights without running pickled code: safetensors, pickles under `weights_only=True`, and
+TorchScript archives (OpenAI's released CLIP files), plus the JSON files that travel with them."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert import ConvertError
+
+
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip holding serialised code; `torch.save` zips hold only data."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(name.endswith("/constants.pkl") for name in names) and any("/code/" in name for name in names)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConvertError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConvertError(f"{path}: expected a JSON object at the top level")
+    return loaded
+
+
+def _to_numpy(state: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    if isinstance(state.get("state_dict"), dict):  # a training checkpoint (open_clip's own `epoch_N.pt`)
+        state = state["state_dict"]
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConvertError(f"{path}: entry '{key}' is a {type(value).__name__}, not a tensor")
+        value = value.detach().cpu()
+        # numpy has no bfloat16; float32 holds every fp16/bf16 value exactly.
+        out[key.removeprefix("module.")] = (value.float() if value.is_floating_point() else value).numpy()
+    return out
+
+
+def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
+    """(state dict as numpy arrays, how it was stored: safetensors | torchscript | pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path} does not exist or is not a file")
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError("reading PyTorch weights needs torch: pip install 'jaxretrieval[convert]'") from None
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return _to_numpy(load_file(str(path)), path), "safetensors"
+        except Exception as e:  # the safetensors reader raises its own error types
+            raise ConvertError(f"cannot read {path} as safetensors: {e}") from None
+    if is_torchscript(path):
+        # The documented exception to weights_only (OpenAI's released CLIP files): torch.jit.load reads the
+        # archive with TorchScript's own loader, not Python's pickle, and only state_dict() is used, no code run.
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as e:
+            raise ConvertError(f"cannot load TorchScript archive {path}: {e}") from None
+        return _to_numpy(dict(module.state_dict()), path), "torchscript"
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle stream
+        raise ConvertError(f"cannot read {path}: not a PyTorch checkpoint, safetensors file or TorchScript archive")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", str(e), re.S)
+        reason = (found.group(1) if found else str(e)).split(". ")[0].strip()
+        raise ConvertError(f"refusing to load {path}: torch.load(weights_only=True), the only way pickles are "
+                           f"opened here, rejects it: {reason}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ConvertError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    return _to_numpy(loaded, path), "pickle"
+
+
+def load_hf_weights(folder: Path) -> dict[str, np.ndarray]:
+    """model.safetensors, sharded safetensors (model.safetensors.index.json) or pytorch_model.bin."""
+    if (folder / "model.safetensors").is_file():
+        return load_tensors(folder / "model.safetensors")[0]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        state: dict[str, np.ndarray] = {}
+        for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
+            state.update(load_tensors(folder / shard)[0])
+        return state
+    if (folder / "pytorch_model.bin").is_file():
+        return load_tensors(folder / "pytorch_model.bin")[0]
+    raise ConvertError(f"{folder} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def save_safetensors(state: dict[str, np.ndarray], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    # The metadata `save_pretrained` writes; transformers 4.x refuses safetensors files without it.
+    save_file({key: np.array(value, order="C") for key, value in state.items()}, str(path),
+              metadata={"format": "pt"})
