@@ -1,4 +1,27 @@
+from jaxretrieval.retrieval.centroids import (
+    MIXED_CAMERA,
+    CentroidBlock,
+    centroid_gallery,
+    centroid_scores,
+    evaluate_reid,
+    l2_normalize,
+)
 from jaxretrieval.retrieval.embed import embed_all
-from jaxretrieval.retrieval.metrics import best_rank, image_text_recall, recall_table
+from jaxretrieval.retrieval.metrics import (
+    JUNK_PID,
+    ReidQueryResults,
+    best_rank,
+    coco_recall,
+    image_text_recall,
+    ranking_metrics,
+    recall_table,
+    reid_metrics,
+    reid_query_results,
+    summarize_reid,
+)
 
-__all__ = ["best_rank", "embed_all", "image_text_recall", "recall_table"]
+__all__ = [
+    "JUNK_PID", "MIXED_CAMERA", "CentroidBlock", "ReidQueryResults", "best_rank", "centroid_gallery",
+    "centroid_scores", "coco_recall", "embed_all", "evaluate_reid", "image_text_recall", "l2_normalize",
+    "ranking_metrics", "recall_table", "reid_metrics", "reid_query_results", "summarize_reid",
+]
