@@ -139,3 +139,18 @@ def test_invalid_inputs_raise_clear_errors(sim, ids, match) -> None:
 def test_image_without_captions_is_an_error() -> None:
     with pytest.raises(ValueError, match="no relevant"):
         image_text_recall(np.zeros((3, 4)), np.array([0, 0, 2, 2]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_recall_from_topk_lists_equals_full_matrix(seed) -> None:
+    from jaxretrieval.retrieval.metrics import image_text_recall_topk
+
+    rng = np.random.default_rng(seed)
+    images, per_image = 30, 3
+    text_to_image = rng.permutation(np.repeat(np.arange(images), per_image))
+    similarity = np.round(rng.normal(size=(images, images * per_image)), 1)  # rounding makes many ties
+    image_top = np.argsort(-similarity, axis=1, kind="stable")[:, :10]
+    text_top = np.argsort(-similarity.T, axis=1, kind="stable")[:, :10]
+    assert image_text_recall_topk(image_top, text_top, text_to_image) == image_text_recall(similarity, text_to_image)
+    with pytest.raises(ValueError, match="depth 5"):
+        image_text_recall_topk(image_top[:, :5], text_top, text_to_image)

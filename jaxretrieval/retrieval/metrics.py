@@ -55,14 +55,37 @@ def image_text_recall(similarity: np.ndarray, text_to_image: np.ndarray,
     text_to_image = np.asarray(text_to_image)
     _check(similarity, text_to_image)
     relevant = text_to_image[None, :] == np.arange(similarity.shape[0])[:, None]
-    i2t = best_rank(similarity, relevant)
-    t2i = best_rank(similarity.T, relevant.T)
+    return _recall_summary(best_rank(similarity, relevant), best_rank(similarity.T, relevant.T), ks)
+
+
+def _recall_summary(i2t_ranks: np.ndarray, t2i_ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
     out = {}
-    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+    for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
         for k in ks:
             out[f"{name}_R{k}"] = float(100.0 * np.mean(ranks < k))
     out["rsum"] = float(sum(out[f"{n}_R{k}"] for n in ("i2t", "t2i") for k in ks))
     return out
+
+
+def _first_hit(hits: np.ndarray) -> np.ndarray:
+    """Per row, the 0-based position of the first True, or the row length when there is none."""
+    return np.where(hits.any(axis=1), hits.argmax(axis=1), hits.shape[1])
+
+
+def image_text_recall_topk(image_top_texts: np.ndarray, text_top_images: np.ndarray, text_to_image: np.ndarray,
+                           ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`image_text_recall` from top-k lists alone (k >= max(ks)), so the full matrix is never needed.
+
+    image_top_texts: (images, k) caption indices, best first; text_top_images: (texts, k) image indices.
+    """
+    text_to_image = np.asarray(text_to_image)
+    depth = min(image_top_texts.shape[1], text_top_images.shape[1])
+    if depth < max(ks):
+        raise ValueError(f"top-k lists of depth {depth} cannot give recall@{max(ks)}")
+    images = np.arange(image_top_texts.shape[0])[:, None]
+    i2t = _first_hit(text_to_image[image_top_texts] == images)
+    t2i = _first_hit(text_top_images == text_to_image[:, None])
+    return _recall_summary(i2t, t2i, ks)
 
 
 def recall_table(metrics: dict) -> str:
