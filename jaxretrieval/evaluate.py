@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -23,7 +22,11 @@ from jaxretrieval.data.sources import DataError
 from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, image_text_recall
+from jaxretrieval.retrieval.metrics import image_text_recall_topk
+from jaxretrieval.retrieval.similarity import topk_similarity
 from jaxretrieval.sharding import make_mesh, tree_shardings
+
+RECALL_AT = (1, 5, 10)
 
 
 def encoders(graphdef: nnx.GraphDef):
@@ -38,8 +41,13 @@ def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs, mesh: Mesh,
     encode_image, encode_text = encoders(graphdef)
     image_emb = embed_all(lambda x: encode_image(params, x), images, batch_size, mesh)
     text_emb = embed_all(lambda t: encode_text(params, t), tokens, batch_size, mesh)
-    similarity = image_emb.astype(np.float32) @ text_emb.astype(np.float32).T
-    metrics = image_text_recall(similarity, text_to_image)
+    depth = max(RECALL_AT)
+    if min(len(image_emb), len(text_emb)) < depth:  # too small for top-k lists: score the whole matrix
+        metrics = image_text_recall(image_emb @ text_emb.T, text_to_image, RECALL_AT)
+    else:  # exact top-k in chunks over the mesh: memory bounded by the chunk, never images x captions
+        _, image_top = topk_similarity(image_emb, text_emb, depth, mesh=mesh)
+        _, text_top = topk_similarity(text_emb, image_emb, depth, mesh=mesh)
+        metrics = image_text_recall_topk(image_top, text_top, text_to_image, RECALL_AT)
     metrics.update(num_images=int(image_emb.shape[0]), num_texts=int(text_emb.shape[0]))
     return metrics
 
