@@ -1,0 +1,279 @@
+"""BEiT-3 multiway encoder (torchscale's arrangement) and unilm's dual-encoder retrieval heads.
+
+Every sequence is [vision tokens][text tokens]; `split` counts the vision tokens. Vision tokens go through
+expert A of each multiway layer (norms, q/k/v/out projections, FFN) and text tokens through expert B, while
+attention itself mixes the whole sequence. Layers are pre-LN with sub-LN: one LayerNorm on the attention
+output before out_proj and one on the FFN hidden state before fc2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from jaxretrieval.models.clip import l2_normalize
+from jaxretrieval.models.layers import dense, layer_norm
+
+# torchscale (like fairseq) numbers positions from 2, so rows 0 and 1 of both position tables are never read.
+POSITION_OFFSET = 2
+
+
+def _preset(layers: int, width: int, heads: int, image_size: int) -> dict[str, int]:
+    return {"layers": layers, "width": width, "heads": heads, "ffn_dim": 4 * width, "image_size": image_size,
+            "patch_size": 16, "vocab_size": 64010, "max_text_positions": 1024}
+
+
+BEIT3_PRESETS: dict[str, dict[str, int]] = {
+    "beit3_tiny": {"layers": 2, "width": 64, "heads": 4, "ffn_dim": 128, "image_size": 32, "patch_size": 16,
+                   "vocab_size": 100, "max_text_positions": 32},
+    "beit3_base_patch16_224": _preset(12, 768, 12, 224),
+    "beit3_base_patch16_384": _preset(12, 768, 12, 384),
+    "beit3_large_patch16_224": _preset(24, 1024, 16, 224),
+    "beit3_large_patch16_384": _preset(24, 1024, 16, 384),
+}
+
+
+class Multiway(nnx.Module):
+    """Two copies of a token-wise module: A for the first `split` tokens (vision), B for the rest (text)."""
+
+    def __init__(self, make: Callable[[], nnx.Module]):
+        self.A = make()
+        self.B = make()
+
+    def __call__(self, x: jax.Array, split: int) -> jax.Array:
+        if split >= x.shape[1]:
+            return self.A(x)
+        if split <= 0:
+            return self.B(x)
+        return jnp.concatenate([self.A(x[:, :split]), self.B(x[:, split:])], axis=1)
+
+
+def _drop_path(rate: float) -> nnx.Dropout | None:
+    # Stochastic depth: one keep/drop draw per sample, survivors scaled by 1 / (1 - rate).
+    return nnx.Dropout(rate, broadcast_dims=(1, 2)) if rate > 0 else None
+
+
+def _apply_drop_path(drop: nnx.Dropout | None, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    if drop is None or rngs is None:
+        return x
+    return drop(x, deterministic=False, rngs=rngs)
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, dtype: Any):
+        self.fc1 = dense(width, hidden, rngs=rngs, std=0.02, dtype=dtype)
+        self.ffn_layernorm = layer_norm(hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = dense(hidden, width, rngs=rngs, std=0.02, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.gelu(self.fc1(x).astype(jnp.float32), approximate=False).astype(x.dtype)
+        return self.fc2(self.ffn_layernorm(h))
+
+
+class MultiwayAttention(nnx.Module):
+    def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype: Any):
+        self.heads = heads
+
+        def proj() -> Multiway:
+            return Multiway(lambda: dense(width, width, rngs=rngs, std=0.02, dtype=dtype))
+
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = proj(), proj(), proj(), proj()
+        self.inner_attn_ln = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
+
+    def __call__(self, x: jax.Array, split: int, keep: jax.Array | None) -> jax.Array:
+        """keep: (batch, length) bool, False on padding keys; None attends everywhere."""
+        batch, length, width = x.shape
+
+        def heads(t: jax.Array) -> jax.Array:
+            return t.reshape(batch, length, self.heads, width // self.heads)
+
+        q, k, v = (heads(p(x, split)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        mask = None if keep is None else keep[:, None, None, :]
+        # dot_product_attention scales q by head_dim ** -0.5, as torchscale does before q @ k.
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(batch, length, width)
+        return self.out_proj(self.inner_attn_ln(y, split), split)
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, width: int, heads: int, ffn_dim: int, drop_path: float, *, rngs: nnx.Rngs, dtype: Any):
+        self.self_attn_layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
+        self.self_attn = MultiwayAttention(width, heads, rngs=rngs, dtype=dtype)
+        self.final_layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
+        self.ffn = Multiway(lambda: FeedForward(width, ffn_dim, rngs=rngs, dtype=dtype))
+        self.drop_path = _drop_path(drop_path)
+
+    def __call__(self, x: jax.Array, split: int, keep: jax.Array | None, rngs: nnx.Rngs | None) -> jax.Array:
+        x = x + _apply_drop_path(self.drop_path, self.self_attn(self.self_attn_layer_norm(x, split), split, keep),
+                                 rngs)
+        return x + _apply_drop_path(self.drop_path, self.ffn(self.final_layer_norm(x, split), split), rngs)
+
+
+class BEiT3(nnx.Module):
+    """The multiway encoder: embeddings, layers, final multiway LayerNorm. Returns the whole sequence."""
+
+    def __init__(self, *, layers: int, width: int, heads: int, ffn_dim: int, image_size: int, patch_size: int,
+                 vocab_size: int, max_text_positions: int, drop_path_rate: float = 0.0, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32):
+        self.patch_size = patch_size
+        self.dtype = dtype
+        patches = (image_size // patch_size) ** 2
+        self.text_embed = nnx.Embed(vocab_size, width, dtype=dtype, param_dtype=jnp.float32,
+                                    embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        # The stride-p patch convolution (with bias) as a matmul over flattened (ph, pw, c) patches.
+        self.patch_embed = dense(patch_size * patch_size * 3, width, rngs=rngs, std=0.02, dtype=dtype)
+        self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (width,)))
+        self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (width,)))
+        self.vision_positions = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (patches + 1 + POSITION_OFFSET, width)))
+        self.text_positions = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_text_positions, width)))
+        rates = np.linspace(0.0, drop_path_rate, layers)
+        self.layers = nnx.List([
+            EncoderLayer(width, heads, ffn_dim, float(rate), rngs=rngs, dtype=dtype) for rate in rates
+        ])
+        self.layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
+
+    def embed_image(self, pixels: jax.Array, masked: jax.Array | None = None) -> jax.Array:
+        """pixels (batch, height, width, 3) -> [cls, patches] + vision positions. masked: (batch, patches) bool."""
+        p = self.patch_size
+        x = self.patch_embed(rearrange(pixels.astype(self.dtype), "b (h ph) (w pw) c -> b (h w) (ph pw c)",
+                                       ph=p, pw=p))
+        if masked is not None:
+            x = jnp.where(masked[..., None], self.mask_token[...].astype(x.dtype), x)
+        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1)
+        return x + self.vision_positions[POSITION_OFFSET:POSITION_OFFSET + x.shape[1]].astype(x.dtype)
+
+    def embed_text(self, tokens: jax.Array) -> jax.Array:
+        x = self.text_embed(tokens)
+        return x + self.text_positions[POSITION_OFFSET:POSITION_OFFSET + x.shape[1]].astype(x.dtype)
+
+    def __call__(self, pixels: jax.Array | None = None, tokens: jax.Array | None = None,
+                 padding_mask: jax.Array | None = None, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Either or both inputs; padding_mask (batch, text length) is 1 on pads. Dropping paths needs rngs
+        (None is the deterministic, evaluation forward)."""
+        parts, pads = [], []
+        if pixels is not None:
+            parts.append(self.embed_image(pixels))
+            pads.append(jnp.zeros(parts[-1].shape[:2], bool))
+        split = parts[0].shape[1] if parts else 0
+        if tokens is not None:
+            parts.append(self.embed_text(tokens))
+            pads.append(jnp.zeros(tokens.shape, bool) if padding_mask is None else padding_mask.astype(bool))
+        if not parts:
+            raise ValueError("BEiT3 needs pixels, tokens or both")
+        x = jnp.concatenate(parts, axis=1)
+        pad = jnp.concatenate(pads, axis=1)
+        keep = None if tokens is None or padding_mask is None else ~pad
+        x = jnp.where(pad[..., None], jnp.zeros((), x.dtype), x)
+        for layer in self.layers:
+            x = layer(x, split, keep, rngs)
+        return self.layer_norm(x, split)
+
+
+class BEiT3Retrieval(nnx.Module):
+    """unilm's BEiT3ForRetrieval: CLS of a vision-only / text-only forward through a bias-free head."""
+
+    def __init__(self, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, **config: Any):
+        self.beit3 = BEiT3(rngs=rngs, dtype=dtype, **config)
+        width = config["width"]
+        self.vision_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)
+        self.language_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)
+        self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
+
+    def image_features(self, pixels: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """The encoder's vision CLS, before the head."""
+        return self.beit3(pixels=pixels, rngs=rngs)[:, 0]
+
+    def text_features(self, tokens: jax.Array, padding_mask: jax.Array | None = None, *,
+                      rngs: nnx.Rngs | None = None) -> jax.Array:
+        """The encoder's first text token ([bos]), before the head."""
+        return self.beit3(tokens=tokens, padding_mask=padding_mask, rngs=rngs)[:, 0]
+
+    def encode_image(self, pixels: jax.Array, normalize: bool = True, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        features = self.vision_head(self.image_features(pixels, rngs=rngs)).astype(jnp.float32)
+        return l2_normalize(features) if normalize else features
+
+    def encode_text(self, tokens: jax.Array, padding_mask: jax.Array | None = None, normalize: bool = True, *,
+                    rngs: nnx.Rngs | None = None) -> jax.Array:
+        features = self.language_head(self.text_features(tokens, padding_mask, rngs=rngs)).astype(jnp.float32)
+        return l2_normalize(features) if normalize else features
+
+    def scale(self) -> jax.Array:
+        return jnp.exp(self.logit_scale[...])
+
+    def __call__(self, pixels: jax.Array, tokens: jax.Array, padding_mask: jax.Array | None = None, *,
+                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normalised image and text embeddings and the logit scale exp(t)."""
+        return (self.encode_image(pixels, rngs=rngs), self.encode_text(tokens, padding_mask, rngs=rngs),
+                self.scale())
+
+
+def _linear(sd: Mapping[str, np.ndarray], name: str, bias: bool = True) -> dict[str, np.ndarray]:
+    out = {"kernel": np.asarray(sd[f"{name}.weight"]).T}
+    if bias:
+        out["bias"] = np.asarray(sd[f"{name}.bias"])
+    return out
+
+
+def _norm(sd: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    return {"scale": np.asarray(sd[f"{name}.weight"]), "bias": np.asarray(sd[f"{name}.bias"])}
+
+
+def _multiway(convert: Callable[[str], dict], name: str) -> dict[str, dict]:
+    return {"A": convert(f"{name}.A"), "B": convert(f"{name}.B")}
+
+
+def params_from_torchscale(state_dict: Mapping[str, Any], prefix: str = "beit3.") -> dict[str, Any]:
+    """unilm BEiT3ForRetrieval / torchscale BEiT3 state dict (numpy or torch tensors) -> BEiT3Retrieval params.
+
+    `prefix` is where the torchscale BEiT3 sits in the dict ("" for a bare torchscale model, whose result then
+    has no heads or logit_scale)."""
+    sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+          for k, v in state_dict.items()}
+    p = prefix
+
+    def linear(name: str) -> dict:
+        return _linear(sd, name)
+
+    def norm(name: str) -> dict:
+        return _norm(sd, name)
+
+    conv = sd[f"{p}vision_embed.proj.weight"]
+    layers, i = {}, 0
+    while f"{p}encoder.layers.{i}.self_attn.q_proj.A.weight" in sd:
+        base = f"{p}encoder.layers.{i}"
+        attn = {proj: _multiway(linear, f"{base}.self_attn.{proj}")
+                for proj in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        attn["inner_attn_ln"] = _multiway(norm, f"{base}.self_attn.inner_attn_ln")
+        layers[i] = {
+            "self_attn_layer_norm": _multiway(norm, f"{base}.self_attn_layer_norm"),
+            "self_attn": attn,
+            "final_layer_norm": _multiway(norm, f"{base}.final_layer_norm"),
+            "ffn": _multiway(lambda n: {"fc1": linear(f"{n}.fc1"), "ffn_layernorm": norm(f"{n}.ffn_layernorm"),
+                                        "fc2": linear(f"{n}.fc2")}, f"{base}.ffn"),
+        }
+        i += 1
+    beit3 = {
+        "text_embed": {"embedding": sd[f"{p}text_embed.weight"]},
+        # (out, c, ph, pw) -> rows in the (ph, pw, c) order embed_image flattens patches in.
+        "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0]),
+                        "bias": sd[f"{p}vision_embed.proj.bias"]},
+        "cls_token": sd[f"{p}vision_embed.cls_token"].reshape(-1),
+        "mask_token": sd[f"{p}vision_embed.mask_token"].reshape(-1),
+        "vision_positions": sd[f"{p}encoder.embed_positions.A.weight"],
+        "text_positions": sd[f"{p}encoder.embed_positions.B.weight"],
+        "layers": layers,
+        "layer_norm": _multiway(norm, f"{p}encoder.layer_norm"),
+    }
+    if "vision_head.weight" not in sd:
+        return {"beit3": beit3}
+    return {"beit3": beit3, "vision_head": _linear(sd, "vision_head", bias=False),
+            "language_head": _linear(sd, "language_head", bias=False),
+            "logit_scale": np.asarray(sd["logit_scale"]).reshape(())}
