@@ -19,6 +19,8 @@ import ftfy
 import numpy as np
 import regex
 
+from jaxretrieval.data.token_rows import pack_rows
+
 _MERGE_LINES = 49152 - 256 - 2  # how many merges CLIP reads, starting after the header line
 _END_OF_WORD = "</w>"
 _CACHE_LIMIT = 1 << 20
@@ -164,12 +166,8 @@ class ClipTokenizer:
         """Tokenize to an int32 array of shape ``(len(texts), context_length)``."""
         if isinstance(texts, str):
             texts = [texts]
-        width = self._context_length
-        tokens = np.zeros((len(texts), width), dtype=np.int32)
-        for row, text in enumerate(texts):
-            ids = self.encode(text, limit=width - 2)
-            tokens[row, : len(ids) + 2] = [self._sot_id, *ids, self._eot_id]
-        return tokens
+        rows = (self.encode(text, limit=self._context_length - 2) for text in texts)
+        return pack_rows(rows, self._sot_id, self._eot_id, self._context_length)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Turn one row of ids back into text, stopping at ``<end_of_text>`` (so the padding after it is ignored).

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from jaxretrieval.data.clip_bpe import ClipTokenizer
+from jaxretrieval.data.token_rows import pack_rows
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -138,12 +139,8 @@ class WordTokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
-        max_words = self._context_length - 2
-        tokens = np.zeros((len(texts), self._context_length), dtype=np.int32)
-        for row, text in enumerate(texts):
-            ids = [self._ids.get(word, self.unk_id) for word in split_words(text)[:max_words]]
-            tokens[row, : len(ids) + 2] = [self._sot_id, *ids, self._eot_id]
-        return tokens
+        rows = ([self._ids.get(word, self.unk_id) for word in split_words(text)] for text in texts)
+        return pack_rows(rows, self._sot_id, self._eot_id, self._context_length)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Turn one row of ids back into text, stopping at ``<eot>``; unknown words come back as ``<unk>``."""

@@ -1,0 +1,18 @@
+"""The fixed-width row layout every tokenizer emits: [sot] ids [eot], then zero padding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+def pack_rows(id_rows: Iterable[Sequence[int]], sot: int, eot: int, context_length: int) -> np.ndarray:
+    """int32 (rows, context_length); ids past context_length - 2 are dropped so that eot always survives."""
+    rows = list(id_rows)
+    keep = context_length - 2
+    tokens = np.zeros((len(rows), context_length), dtype=np.int32)
+    for row, ids in enumerate(rows):
+        ids = list(ids[:keep])
+        tokens[row, : len(ids) + 2] = [sot, *ids, eot]
+    return tokens
