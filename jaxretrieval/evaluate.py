@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxretrieval import checkpoint
 from jaxretrieval.config import Config, ConfigError, load_config
 from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs
-from jaxretrieval.data.sources import DataError
+from jaxretrieval.data.sources import CaptionSource, DataError
 from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, image_text_recall
@@ -67,16 +67,19 @@ def saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     return load_config(None, overrides, base=meta["config"], source=f"config saved with checkpoint {path}")
 
 
-def run(config: Config, checkpoint_path: str | Path) -> dict:
+def evaluate_checkpoint(config: Config, checkpoint_path: str | Path, source: CaptionSource) -> dict:
+    """Image-text recall of the checkpoint's model on the images and captions of `source`."""
     mesh = make_mesh(config.mesh)
     graphdef, params, meta = restore_params(config, checkpoint_path, mesh)
-    root = data_root(config)
-    source = caption_source(config, root, config.eval.split)
     # The tokenizer the model was trained (or converted) with, as saved in its checkpoint.
     inputs = eval_inputs(config, source, build_tokenizer(meta["tokenizer"]))
     metrics = evaluate_retrieval(graphdef, params, inputs, mesh, config.eval.batch_size)
     metrics["step"] = meta.get("step")
     return metrics
+
+
+def run(config: Config, checkpoint_path: str | Path) -> dict:
+    return evaluate_checkpoint(config, checkpoint_path, caption_source(config, data_root(config), config.eval.split))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,22 +15,15 @@ from pathlib import Path
 
 from jaxretrieval import checkpoint
 from jaxretrieval.config import ConfigError
-from jaxretrieval.data.pipeline import eval_inputs
 from jaxretrieval.data.sources import CaptionSource, DataError
-from jaxretrieval.data.tokenizers import build_tokenizer
-from jaxretrieval.evaluate import evaluate_retrieval, restore_params, saved_config
+from jaxretrieval.evaluate import evaluate_checkpoint, saved_config
 from jaxretrieval.retrieval import recall_table
-from jaxretrieval.sharding import make_mesh
 
 
 def retrieve(checkpoint_path: str | Path, images: str | Path, captions: str | Path, *, batch_size: int = 256,
              workers: int = 0) -> dict:
-    config = saved_config(checkpoint_path, [f"data.workers={workers}"])
-    mesh = make_mesh(config.mesh)
-    graphdef, params, meta = restore_params(config, checkpoint_path, mesh)
-    source = CaptionSource(captions, images)
-    inputs = eval_inputs(config, source, build_tokenizer(meta["tokenizer"]))
-    return evaluate_retrieval(graphdef, params, inputs, mesh, batch_size)
+    config = saved_config(checkpoint_path, [f"data.workers={workers}", f"eval.batch_size={batch_size}"])
+    return evaluate_checkpoint(config, checkpoint_path, CaptionSource(captions, images))
 
 
 def main(argv: list[str] | None = None) -> int:
