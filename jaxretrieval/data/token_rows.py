@@ -1,4 +1,4 @@
-"""The fixed-width row layout every tokenizer emits: [sot] ids [eot], then zero padding."""
+"""The fixed-width row layout every tokenizer emits: [sot] ids [eot], then padding."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
-def pack_rows(id_rows: Iterable[Sequence[int]], sot: int, eot: int, context_length: int) -> np.ndarray:
+def pack_rows(id_rows: Iterable[Sequence[int]], sot: int, eot: int, context_length: int, pad: int = 0) -> np.ndarray:
     """int32 (rows, context_length); ids past context_length - 2 are dropped so that eot always survives."""
     rows = list(id_rows)
     keep = context_length - 2
-    tokens = np.zeros((len(rows), context_length), dtype=np.int32)
+    tokens = np.full((len(rows), context_length), pad, dtype=np.int32)
     for row, ids in enumerate(rows):
         ids = list(ids[:keep])
         tokens[row, : len(ids) + 2] = [sot, *ids, eot]

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from jaxretrieval.data.clip_bpe import ClipTokenizer
+from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.data.token_rows import pack_rows
 
 _WORD = re.compile(r"[^\W_]+")
@@ -163,6 +164,7 @@ class WordTokenizer:
 _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Tokenizer]] = {
     WordTokenizer.kind: WordTokenizer.from_spec,
     ClipTokenizer.kind: ClipTokenizer.from_spec,
+    SentencePieceTokenizer.kind: SentencePieceTokenizer.from_spec,
 }
 
 
