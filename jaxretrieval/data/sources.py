@@ -1,8 +1,19 @@
 """Random-access sources: one reader per annotation format.
 
-A caption source is a list of (image path, caption, group id) records read from JSON-lines files of
-`{"image": path relative to root, "caption": text, "image_id": any JSON scalar}`. Group ids are mapped to
-dense ints so that captions of one image are positives of each other in the contrastive loss.
+A caption source is a list of (image path, caption, group id) records read from one or more annotation files
+(records concatenated in file order). Group ids are mapped to dense ints, shared across the files, so that
+captions of one image are positives of each other in the contrastive loss.
+
+JSON-lines files (any suffix but `.tsv`/`.txt`) hold one object per line:
+    {"image": path relative to root, "caption": text or [text, ...], "image_id": string or int}
+- `caption` as a list (PAB's labelled test file `annotation/test/pair.json`) gives one record per caption,
+  all in the image's group; the list must be non-empty and hold only strings.
+- `image_id` is optional: without it the image path is the group key.
+- PAB's training lines (`annotation/train/pair_*.json`) carry extra keys this loss ignores: `hard_i`,
+  `hard_c`, `scene` (strings) and `normal` or `anomaly` (string or bool); when given (not null) they are
+  type-checked. Any other key is ignored.
+`.tsv`/`.txt` files hold `image path<TAB>caption` lines.
+Every error names file:line (and the key).
 """
 
 from __future__ import annotations
@@ -10,9 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+_OPTIONAL_KEYS: dict[str, tuple[type, ...]] = {
+    "hard_i": (str,), "hard_c": (str,), "scene": (str,), "normal": (str, bool), "anomaly": (str, bool),
+}
 
 
 class DataError(ValueError):
@@ -36,6 +53,25 @@ class SkipCounts:
         return self.malformed_lines + self.missing_images
 
 
+def _check_type(item: dict, key: str, types: tuple[type, ...], where: str) -> None:
+    value = item[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise DataError(f"{where}: key '{key}' has the wrong type ({type(value).__name__})")
+
+
+def _captions(item: dict, where: str) -> list[str]:
+    _check_type(item, "caption", (str, list), where)
+    captions = item["caption"]
+    if isinstance(captions, str):
+        return [captions]
+    if not captions:
+        raise DataError(f"{where}: key 'caption' is an empty list")
+    for index, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise DataError(f"{where}: key 'caption' item {index} has the wrong type ({type(caption).__name__})")
+    return captions
+
+
 def _parse_json_line(text: str, where: str) -> dict:
     try:
         item = json.loads(text)
@@ -43,39 +79,66 @@ def _parse_json_line(text: str, where: str) -> dict:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    for key, types in (("image", str), ("caption", str), ("image_id", (str, int))):
+    for key in ("image", "caption"):
         if key not in item:
-            if key == "image_id":  # optional: captions of one image path form its group
-                continue
             raise DataError(f"{where}: missing key '{key}'")
-        if not isinstance(item[key], types) or isinstance(item[key], bool):
-            raise DataError(f"{where}: key '{key}' has the wrong type ({type(item[key]).__name__})")
-    return item
+    _check_type(item, "image", (str,), where)
+    if "image_id" in item:  # optional: captions of one image path form its group
+        _check_type(item, "image_id", (str, int), where)
+    for key, types in _OPTIONAL_KEYS.items():
+        if item.get(key) is not None:
+            _check_type(item, key, types, where)
+    return {"image": item["image"], "captions": _captions(item, where),
+            "group": item.get("image_id", item["image"])}
 
 
 def _parse_tab_line(text: str, where: str) -> dict:
     image, tab, caption = text.rstrip("\r\n").partition("\t")
     if not tab or not image.strip() or not caption.strip():
         raise DataError(f"{where}: expected 'image path<TAB>caption'")
-    return {"image": image.strip(), "caption": caption.strip()}
+    return {"image": image.strip(), "captions": [caption.strip()], "group": image.strip()}
+
+
+def _annotation_paths(annotation_file: str | Path | Sequence[str | Path]) -> list[Path]:
+    files = [annotation_file] if isinstance(annotation_file, str | os.PathLike) else list(annotation_file)
+    if not files:
+        raise DataError("no annotation files given")
+    paths = [Path(file) for file in files]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"annotation file {path} does not exist")
+    return paths
+
+
+def _describe(paths: list[Path]) -> str:
+    return str(paths[0]) if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more files)"
 
 
 class CaptionSource:
-    """Caption records of one annotation file; usable as a grain RandomAccessDataSource.
+    """Caption records of one annotation file or a list of them; usable as a grain RandomAccessDataSource.
 
-    `.tsv` and `.txt` files hold `image path<TAB>caption` lines; any other file JSON lines.
+    `root` (the folder image paths are relative to) defaults to the first file's folder.
     """
 
-    def __init__(self, annotation_file: str | Path, root: str | Path | None = None, *, skip_bad: bool = False,
-                 check_images: bool = True):
-        path = Path(annotation_file)
-        root = Path(root) if root is not None else path.parent
-        if not path.is_file():
-            raise DataError(f"annotation file {path} does not exist")
-        self.path = path
+    def __init__(self, annotation_file: str | Path | Sequence[str | Path], root: str | Path | None = None, *,
+                 skip_bad: bool = False, check_images: bool = True):
+        self.paths = _annotation_paths(annotation_file)
+        self.path = self.paths[0]
+        self.root = Path(root) if root is not None else self.path.parent
+        self.check_images = check_images
+        self.skip_bad = skip_bad
         self.skipped = SkipCounts()
-        groups: dict[str | int, int] = {}
-        records = []
+        self._groups: dict[str | int, int] = {}
+        self.records: list[CaptionRecord] = []
+        for path in self.paths:
+            self._read(path)
+        if not self.records:
+            raise DataError(f"{_describe(self.paths)}: no usable records")
+        if self.skipped.total:
+            log.warning("%s: skipped %d records (%d malformed lines, %d missing images)", _describe(self.paths),
+                        self.skipped.total, self.skipped.malformed_lines, self.skipped.missing_images)
+
+    def _read(self, path: Path) -> None:
         parse = _parse_tab_line if path.suffix in (".tsv", ".txt") else _parse_json_line
         with path.open(encoding="utf-8") as f:
             for number, text in enumerate(f, start=1):
@@ -84,25 +147,22 @@ class CaptionSource:
                 where = f"{path}:{number}"
                 try:
                     item = parse(text, where)
-                    image = root / item["image"]
-                    if check_images and not image.is_file():
+                    image = self.root / item["image"]
+                    if self.check_images and not image.is_file():
                         raise DataError(f"{where}: image file {image} does not exist")
                 except DataError as e:
-                    if not skip_bad:
+                    if not self.skip_bad:
                         raise
-                    log.warning("skipping %s", e)
-                    missing = "does not exist" in str(e)
-                    self.skipped.missing_images += int(missing)
-                    self.skipped.malformed_lines += int(not missing)
+                    self._count_skip(e)
                     continue
-                group = groups.setdefault(item.get("image_id", item["image"]), len(groups))
-                records.append(CaptionRecord(str(image), item["caption"], group))
-        if not records:
-            raise DataError(f"{path}: no usable records")
-        if self.skipped.total:
-            log.warning("%s: skipped %d records (%d malformed lines, %d missing images)", path,
-                        self.skipped.total, self.skipped.malformed_lines, self.skipped.missing_images)
-        self.records = records
+                group = self._groups.setdefault(item["group"], len(self._groups))
+                self.records.extend(CaptionRecord(str(image), caption, group) for caption in item["captions"])
+
+    def _count_skip(self, error: DataError) -> None:
+        log.warning("skipping %s", error)
+        missing = "does not exist" in str(error)
+        self.skipped.missing_images += int(missing)
+        self.skipped.malformed_lines += int(not missing)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -122,4 +182,4 @@ class CaptionSource:
         return [record.group for record in self.records]
 
     def __repr__(self) -> str:
-        return f"CaptionSource({self.path}, {len(self)} captions)"
+        return f"CaptionSource({_describe(self.paths)}, {len(self)} captions)"

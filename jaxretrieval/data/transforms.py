@@ -1,9 +1,14 @@
-"""Per-record transforms: decode and resize an image, normalise it, tokenize its caption."""
+"""Per-record transforms: decode and resize an image, normalise it, tokenize its caption.
+
+`Preprocess` is the deterministic evaluation transform; `HybridView` is LHP's training augmentation that mixes
+local views (RandomResizedCrop) with global ones (the whole image squashed to a square).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from jaxretrieval.data.sources import CaptionRecord, DataError
 
 log = logging.getLogger(__name__)
+
+RESIZE_MODES = ("crop", "squash")
 
 
 def load_image(path: str) -> Image.Image:
@@ -27,47 +34,141 @@ def load_image(path: str) -> Image.Image:
         raise DataError(f"image file {path} cannot be read: {e}") from None
 
 
+def _rgb(image: Image.Image | str) -> Image.Image:
+    return load_image(image) if isinstance(image, str) else image.convert("RGB")
+
+
+def _squash(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize to (size, size), ignoring the aspect ratio (torchvision `Resize((size, size))`)."""
+    return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _short_side_centre_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = image.resize(resized, Image.Resampling.BICUBIC)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """PIL image (or path) -> normalised float32 (size, size, 3): resize the short side, centre crop.
+    """PIL image (or path) -> normalised float32 (size, size, 3).
 
-    The same callable is the `preprocess` that `jaxretrieval.load` returns.
+    resize="crop": short side to `image_size` (bicubic), then a centre crop; "squash": straight to
+    (image_size, image_size) bicubic, as BEiT-3 evaluates. The same callable is the `preprocess` that
+    `jaxretrieval.load` returns.
     """
 
     image_size: int
     mean: Sequence[float]
     std: Sequence[float]
+    resize: str = "crop"
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got '{self.resize}'")
 
     def __call__(self, image: Image.Image | str) -> np.ndarray:
-        if isinstance(image, str):
-            image = load_image(image)
-        image = image.convert("RGB")
-        size = self.image_size
-        width, height = image.size
-        if (width, height) != (size, size):
-            scale = size / min(width, height)
-            resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-            image = image.resize(resized, Image.Resampling.BICUBIC)
-            left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        pixels = np.asarray(image, dtype=np.float32) / 255.0
-        return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        image = _rgb(image)
+        if self.resize == "squash":
+            image = _squash(image, self.image_size)
+        else:
+            image = _short_side_centre_crop(image, self.image_size)
+        return _normalise(image, self.mean, self.std)
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a RandomResizedCrop box: torchvision's / timm's `get_params` algorithm."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h, endpoint=True))
+            left = int(rng.integers(0, width - w, endpoint=True))
+            return top, left, h, w
+    # no sample fitted: centre crop with the aspect ratio clamped to the allowed range
+    in_ratio = width / height
+    w, h = width, height
+    if in_ratio < min(ratio):
+        h = round(w / min(ratio))
+    elif in_ratio > max(ratio):
+        w = round(h * max(ratio))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridView:
+    """LHP's hybrid training view: PIL image (or path) + rng -> normalised float32 (size, size, 3).
+
+    Per sample x ~ N(0.5, sigma); x > threshold gives a local view (RandomResizedCrop(image_size, scale, ratio),
+    bicubic), otherwise the global view (the whole image squashed to (image_size, image_size), bicubic).
+    Every random draw comes from `rng`.
+    """
+
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    threshold: float = 0.5
+    sigma: float = 1 / 6
+
+    def __post_init__(self):
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+
+    def is_local(self, rng: np.random.Generator) -> bool:
+        """Draws the branch: True for a local (cropped) view."""
+        return bool(rng.normal(0.5, self.sigma) > self.threshold)
+
+    def __call__(self, image: Image.Image | str, rng: np.random.Generator) -> np.ndarray:
+        image = _rgb(image)
+        if self.is_local(rng):
+            top, left, height, width = random_resized_crop_box(*image.size, self.scale, self.ratio, rng)
+            image = image.crop((left, top, left + width, top + height))
+        return _normalise(_squash(image, self.image_size), self.mean, self.std)
 
 
 class EncodePair(grain.transforms.RandomMap):
-    """CaptionRecord -> {"image", "text", "group"} arrays; None for a bad image when skipping is allowed."""
+    """CaptionRecord -> {"image", "text", "group"} arrays; None for a bad image when skipping is allowed.
+
+    With `view` (e.g. a HybridView: any callable (image, rng) -> array) images go through `view(image, rng)`
+    instead of `preprocess`.
+    """
 
     def __init__(self, preprocess: Preprocess, tokenizer: Callable[[Any], np.ndarray], *, flip: bool,
-                 skip_bad: bool):
+                 skip_bad: bool, view: Callable[[Image.Image | str, np.random.Generator], np.ndarray] | None = None):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.flip = flip
         self.skip_bad = skip_bad
+        self.view = view
         self.skipped = 0  # per process: each grain worker counts its own
+
+    def _image(self, path: str, rng: np.random.Generator) -> np.ndarray:
+        return self.preprocess(path) if self.view is None else self.view(path, rng)
 
     def random_map(self, record: CaptionRecord, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
         try:
-            pixels = self.preprocess(record.image)
+            pixels = self._image(record.image, rng)
         except DataError as e:
             if not self.skip_bad:
                 raise
