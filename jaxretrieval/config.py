@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -44,21 +45,38 @@ class TextTowerConfig:
 
 
 @dataclasses.dataclass
+class MultiwayConfig:
+    """BEiT-3's one encoder for both modalities (model.family=beit3), with per-modality experts in each layer.
+
+    model.image gives the image and patch size, model.text the context length and vocabulary."""
+
+    layers: int = 12
+    width: int = 768
+    heads: int = 12
+    ffn_dim: int = 3072
+    max_text_positions: int = 1024  # rows of the text position table, the first 2 unused (fairseq offset)
+    pad_id: int = 1  # XLM-R's <pad>; text positions holding it are masked out of attention
+
+
+@dataclasses.dataclass
 class ModelConfig:
     name: str = "vit_b32"
+    family: str = "clip"  # clip: two towers (model.image, model.text); beit3: one multiway encoder
     embed_dim: int = 512
     activation: str = "quick_gelu"  # quick_gelu (OpenAI CLIP) or gelu
     init_logit_scale: float = 2.6592  # log(1 / 0.07)
     max_logit_scale: float = 4.6052  # log(100), the clamp CLIP applies
     image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = dataclasses.field(default_factory=TextTowerConfig)
+    multiway: MultiwayConfig = dataclasses.field(default_factory=MultiwayConfig)
+    drop_path: float = 0.0  # stochastic depth of the last layer, rising linearly from 0 (beit3)
 
 
 @dataclasses.dataclass
 class DataConfig:
     kind: str = "jsonl"  # jsonl: annotation files of {"image", "caption", "image_id"} lines; demo: generated
     root: str = ""  # annotation paths and image paths are relative to this folder
-    train_file: str = "train.jsonl"
+    train_file: str = "train.jsonl"  # or a glob pattern (PAB: annotation/train/pair_*.json), files read sorted
     test_file: str = "test.jsonl"
     # Under root: a word vocabulary file, or CLIP BPE merges (*.gz); or "checkpoint": the tokenizer saved
     # with train.init_from.
@@ -68,6 +86,11 @@ class DataConfig:
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     flip: bool = False
+    resize: str = "crop"  # crop: short side to size, centre crop (CLIP); squash: straight to size x size (BEiT-3)
+    # LHP's hybrid views for training: per sample x ~ N(0.5, 1/6); x > 0.5 a local RandomResizedCrop with area
+    # scale in local_scale, else the global (squash) resize.
+    hybrid_views: bool = False
+    local_scale: tuple[float, float] = (0.5, 1.0)
     demo_seed: int = 0
     demo_num_train: int = 4000
     demo_num_test: int = 200
@@ -77,10 +100,14 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 256  # global, over all processes and devices
     steps: int = 1000
+    epochs: float = 0.0  # > 0: steps = epochs x (training records // batch_size), as unilm counts them
     lr: float = 5e-4
     end_lr: float = 0.0
     warmup_steps: int = 100
     weight_decay: float = 0.2
+    # Regexes over "/"-joined parameter paths kept out of weight decay, besides every vector and scalar.
+    no_decay: list[str] = dataclasses.field(default_factory=list)
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay, lr x decay^(depth from the top) (beit3)
     b1: float = 0.9
     b2: float = 0.98
     eps: float = 1e-6
@@ -107,6 +134,9 @@ class MeshConfig:
 class EvalConfig:
     batch_size: int = 256
     split: str = "test"
+    # image_text: recall both ways (i2t_R*, t2i_R*, rsum); text_to_image: captions rank the gallery images, the
+    # images of the caption's image_id relevant (R1 R5 R10 mAP mINP, the PAB / text-to-person protocol).
+    protocol: str = "image_text"
 
 
 @dataclasses.dataclass
@@ -123,7 +153,8 @@ class Config:
 
 # Names users bring from other trainers, pointed at ours in "did you mean" hints.
 ALIASES = {"learning_rate": "lr", "warmup": "warmup_steps", "epochs": "steps", "num_workers": "workers",
-           "clip_grad": "grad_clip", "max_grad_norm": "grad_clip", "wd": "weight_decay"}
+           "clip_grad": "grad_clip", "max_grad_norm": "grad_clip", "wd": "weight_decay",
+           "drop_path_rate": "drop_path", "lr_decay": "layer_decay", "input_size": "image_size"}
 
 
 def _nearest(key: str, names: list[str]) -> str | None:
@@ -245,16 +276,41 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 def validate(config: Config, source: str = "config") -> None:
     """Cross-field checks the types alone cannot express."""
     checks = [
+        (config.model.family in ("clip", "beit3"), "model.family must be clip or beit3"),
         (config.model.activation in ("quick_gelu", "gelu"), "model.activation must be quick_gelu or gelu"),
         (config.model.image.image_size % config.model.image.patch_size == 0,
          "model.image.image_size must be a multiple of model.image.patch_size"),
         (config.model.image.width % config.model.image.heads == 0, "model.image.width must divide by heads"),
         (config.model.text.width % config.model.text.heads == 0, "model.text.width must divide by heads"),
         (config.data.kind in ("jsonl", "demo"), "data.kind must be jsonl or demo"),
+        (config.data.resize in ("crop", "squash"), "data.resize must be crop or squash"),
+        (0 < config.data.local_scale[0] <= config.data.local_scale[1] <= 1,
+         "data.local_scale must be [low, high] with 0 < low <= high <= 1"),
+        (config.eval.protocol in ("image_text", "text_to_image"), "eval.protocol must be image_text or text_to_image"),
         (config.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
         (config.train.batch_size > 0 and config.train.steps > 0, "train.batch_size and train.steps must be > 0"),
         (len(config.data.mean) == 3 and len(config.data.std) == 3, "data.mean and data.std need 3 values"),
+        (config.train.epochs >= 0, "train.epochs must be >= 0"),
+        (0 < config.train.layer_decay <= 1, "train.layer_decay must be in (0, 1]"),
+        (0 <= config.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
     ]
+    multiway = config.model.multiway
+    if config.model.family == "beit3":
+        checks += [
+            (multiway.width % multiway.heads == 0, "model.multiway.width must divide by heads"),
+            (config.model.text.context_length <= multiway.max_text_positions - 2,
+             "model.text.context_length must be <= model.multiway.max_text_positions - 2"),
+        ]
+    else:
+        checks += [
+            (config.model.drop_path == 0, "model.drop_path applies to model.family=beit3 only"),
+            (config.train.layer_decay == 1, "train.layer_decay applies to model.family=beit3 only"),
+        ]
+    for pattern in config.train.no_decay:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            checks.append((False, f"train.no_decay: {pattern!r} is not a valid regex ({e})"))
     for rule in config.sharding:
         ok = isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
         checks.append((ok, f"sharding rule {rule!r} must be [regex, [axis or null, ...]]"))

@@ -1,7 +1,8 @@
 """`python -m jaxretrieval.evaluate --config FILE --checkpoint PATH [--output FILE] [key=value ...]`
 
-Embeds the gallery images and every caption of the evaluation split and writes image-text recall
-(i2t_R1 i2t_R5 i2t_R10 t2i_R1 t2i_R5 t2i_R10 rsum, percent) as one JSON object.
+Embeds the gallery images and every caption of the evaluation split and writes one JSON object of metrics
+(percent): image-text recall (i2t_R1 i2t_R5 i2t_R10 t2i_R1 t2i_R5 t2i_R10 rsum), or for eval.protocol
+text_to_image R1 R5 R10 mAP mINP.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxretrieval import checkpoint
 from jaxretrieval.config import Config, ConfigError, load_config
-from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs
+from jaxretrieval.data.pipeline import EvalInputs, caption_source, data_root, eval_inputs
 from jaxretrieval.data.sources import CaptionSource, DataError
 from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, image_text_recall
-from jaxretrieval.retrieval.metrics import image_text_recall_topk
+from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
 from jaxretrieval.retrieval.similarity import topk_similarity
 from jaxretrieval.sharding import make_mesh, tree_shardings
 
@@ -36,11 +38,31 @@ def encoders(graphdef: nnx.GraphDef):
     return image, text
 
 
-def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs, mesh: Mesh, batch_size: int) -> dict:
-    images, tokens, text_to_image = inputs
+def embed_inputs(graphdef: nnx.GraphDef, params: dict, images, tokens: np.ndarray, mesh: Mesh,
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image embeddings, caption embeddings), L2-normalised. images: any sliceable of preprocessed pixels."""
     encode_image, encode_text = encoders(graphdef)
     image_emb = embed_all(lambda x: encode_image(params, x), images, batch_size, mesh)
     text_emb = embed_all(lambda t: encode_text(params, t), tokens, batch_size, mesh)
+    return image_emb, text_emb
+
+
+def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs: EvalInputs, mesh: Mesh, batch_size: int,
+                       protocol: str = "image_text") -> dict:
+    """Metrics of `protocol` (see EvalConfig.protocol) on one evaluation split."""
+    image_emb, text_emb = embed_inputs(graphdef, params, inputs.images, inputs.tokens, mesh, batch_size)
+    if protocol == "text_to_image":
+        # mAP and mINP need the rank of every relevant image, so this scores the whole (captions, images) matrix.
+        relevant = inputs.text_groups[:, None] == inputs.image_groups[None, :]
+        metrics = ranking_metrics(text_emb @ image_emb.T, relevant, RECALL_AT)
+    else:
+        metrics = image_text_recall_all(image_emb, text_emb, inputs.text_groups, mesh)
+    metrics.update(num_images=int(image_emb.shape[0]), num_texts=int(text_emb.shape[0]))
+    return metrics
+
+
+def image_text_recall_all(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray,
+                          mesh: Mesh) -> dict:
     depth = max(RECALL_AT)
     if min(len(image_emb), len(text_emb)) < depth:  # too small for top-k lists: score the whole matrix
         metrics = image_text_recall(image_emb @ text_emb.T, text_to_image, RECALL_AT)
@@ -48,7 +70,6 @@ def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs, mesh: Mesh,
         _, image_top = topk_similarity(image_emb, text_emb, depth, mesh=mesh)
         _, text_top = topk_similarity(text_emb, image_emb, depth, mesh=mesh)
         metrics = image_text_recall_topk(image_top, text_top, text_to_image, RECALL_AT)
-    metrics.update(num_images=int(image_emb.shape[0]), num_texts=int(text_emb.shape[0]))
     return metrics
 
 
@@ -73,7 +94,7 @@ def evaluate_checkpoint(config: Config, checkpoint_path: str | Path, source: Cap
     graphdef, params, meta = restore_params(config, checkpoint_path, mesh)
     # The tokenizer the model was trained (or converted) with, as saved in its checkpoint.
     inputs = eval_inputs(config, source, build_tokenizer(meta["tokenizer"]))
-    metrics = evaluate_retrieval(graphdef, params, inputs, mesh, config.eval.batch_size)
+    metrics = evaluate_retrieval(graphdef, params, inputs, mesh, config.eval.batch_size, config.eval.protocol)
     metrics["step"] = meta.get("step")
     return metrics
 

@@ -149,8 +149,9 @@ def compute(args: argparse.Namespace) -> dict[str, bytes]:
     return files
 
 
-def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
-    """Stage every file in a temporary folder, then move it into place (a stale metrics.json is removed)."""
+def write_outputs(out_dir: Path, files: dict[str, bytes], known: tuple[str, ...] = OUTPUTS) -> None:
+    """Stage every file in a temporary folder, then move it into place (stale `known` outputs not written this
+    time, such as an old metrics.json, are removed)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output-dir {out_dir} exists and is not a folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,7 @@ def write_outputs(out_dir: Path, files: dict[str, bytes]) -> None:
             return
         for name in files:
             os.replace(staging / name, out_dir / name)
-        for name in set(OUTPUTS) - set(files):
+        for name in set(known) - set(files):
             (out_dir / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

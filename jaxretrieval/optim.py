@@ -1,13 +1,20 @@
-"""Optimiser: AdamW with linear warmup and cosine decay, decay masked to matrices, global-norm clipping."""
+"""Optimiser: AdamW with linear warmup and cosine decay, decay masked to matrices, global-norm clipping, and
+layer-wise learning-rate decay where the model family defines layer depths."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import optax
 
 from jaxretrieval.config import TrainConfig
+from jaxretrieval.sharding import path_name
+
+# (parameter path -> depth, the depth of the top): what layer-wise lr decay needs from a model family.
+LayerDepth = tuple[Callable[[str], int], int]
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
@@ -16,14 +23,38 @@ def learning_rate(config: TrainConfig) -> optax.Schedule:
                                               config.end_lr)
 
 
-def decay_mask(params: Any) -> Any:
-    """Weight decay on matrices and embeddings only: no biases, norm gains, class token or logit scale."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(params: Any, exclude: Sequence[str] = ()) -> Any:
+    """Weight decay on matrices and embeddings only (no biases, norm gains, class token or logit scale), and not
+    on parameters whose path matches a regex in `exclude`."""
+    def decays(path: tuple, p: Any) -> bool:
+        name = path_name(path)
+        return p.ndim >= 2 and not any(re.search(pattern, name) for pattern in exclude)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+def layer_lr_scales(params: Any, depth: LayerDepth, decay: float) -> Any:
+    """decay ** (top - depth) per parameter: the top (heads) learns at the full rate, embeddings slowest."""
+    depth_of, top = depth
+    return jax.tree_util.tree_map_with_path(lambda path, _: decay ** (top - depth_of(path_name(path))), params)
+
+
+def scale_by_layer_depth(depth: LayerDepth, decay: float) -> optax.GradientTransformation:
+    # Scaling the whole AdamW update scales the rate its decoupled weight decay is applied at as well, which is
+    # what torch's per-group lr does in unilm's layer-decay parameter groups.
+    def scale(updates: Any, params: Any = None) -> Any:
+        return jax.tree.map(lambda u, s: u * s, updates, layer_lr_scales(updates, depth, decay))
+
+    return optax.stateless(scale)
+
+
+def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None) -> optax.GradientTransformation:
     adamw = optax.adamw(learning_rate(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay, mask=decay_mask)
-    if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+                        weight_decay=config.weight_decay, mask=lambda p: decay_mask(p, config.no_decay))
+    parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
+    parts.append(adamw)
+    if config.layer_decay < 1:
+        if depth is None:
+            raise ValueError("train.layer_decay < 1 needs a model family that defines layer depths (beit3)")
+        parts.append(scale_by_layer_depth(depth, config.layer_decay))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)

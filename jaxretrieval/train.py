@@ -8,6 +8,7 @@ checkpoint in DIR (parameters, optimizer state and data position).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -29,7 +31,7 @@ from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, m
 from jaxretrieval.data.sources import DataError
 from jaxretrieval.evaluate import evaluate_retrieval
 from jaxretrieval.losses import contrastive_loss
-from jaxretrieval.models import abstract_model, init_params
+from jaxretrieval.models import abstract_model, init_params, layer_depth
 from jaxretrieval.optim import learning_rate, make_optimizer
 from jaxretrieval.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
 
@@ -40,14 +42,18 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
-    def loss_fn(params, batch):
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0):
+    """(params, opt_state, batch, step) -> (params, opt_state, metrics); stochastic layers (drop path) draw from
+    a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would."""
+
+    def loss_fn(params, batch, step):
         model = nnx.merge(graphdef, params)
-        image, text, scale = model(batch["image"], batch["text"])
+        rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(seed), step))
+        image, text, scale = model(batch["image"], batch["text"], rngs=rngs)
         return contrastive_loss(image, text, scale, batch["group"]), scale
 
-    def train_step(params, opt_state, batch):
-        (loss, scale), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    def train_step(params, opt_state, batch, step):
+        (loss, scale), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, step)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "logit_scale": scale}
@@ -60,15 +66,27 @@ def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any,
     cfg = config.train
     graphdef, abstract_params = abstract_model(config.model, precision=cfg.precision)
     param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, layer_depth(config.model))
     opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
     params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step_fn = jax.jit(make_train_step(graphdef, tx),
-                      in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh)),
+    step_fn = jax.jit(make_train_step(graphdef, tx, cfg.seed),
+                      in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
                       donate_argnums=(0, 1))
     return graphdef, params, opt_state, step_fn
+
+
+def with_epoch_steps(config: Config, num_records: int) -> Config:
+    """train.epochs > 0 sets train.steps to epochs x (records // batch size), the count unilm schedules over."""
+    if not config.train.epochs:
+        return config
+    per_epoch = num_records // config.train.batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"train.batch_size {config.train.batch_size} exceeds the {num_records} training records")
+    steps = max(1, round(config.train.epochs * per_epoch))
+    log.info("train.epochs=%g: %d steps (%d per epoch)", config.train.epochs, steps, per_epoch)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
 
 
 class MetricsLog:
@@ -90,15 +108,18 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     cfg = config.train
     workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        save_config(config, workdir / "config.yaml")
 
     init_meta = checkpoint.read_meta_at(cfg.init_from) if cfg.init_from else {}
     root = data_root(config)
     tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
-    loader = train_loader(config, caption_source(config, root, "train"), tokenizer)
+    train_source = caption_source(config, root, "train")
+    config = with_epoch_steps(config, len(train_source))
+    cfg = config.train
+    loader = train_loader(config, train_source, tokenizer)
     eval_data = eval_inputs(config, caption_source(config, root, config.eval.split), tokenizer)
 
+    if is_main:
+        save_config(config, workdir / "config.yaml")
     mesh = make_mesh(config.mesh)
     graphdef, params, opt_state, step_fn = setup_training(config, mesh)
     data_iterator = iter(loader)
@@ -143,7 +164,7 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     pending: tuple[int, dict[str, jax.Array]] | None = None
     for step in range(start + 1, cfg.steps + 1):
         batch = global_batch(next(data_iterator), mesh)
-        params, opt_state, metrics = step_fn(params, opt_state, batch)
+        params, opt_state, metrics = step_fn(params, opt_state, batch, np.int32(step))
         # Read the previous step's metrics only now, so the host never stalls the device queue.
         if pending is not None:
             record(*pending)
@@ -155,13 +176,13 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
             pending = None
         if eval_now:
             last_eval = {"step": step, **evaluate_retrieval(graphdef, params, eval_data, mesh,
-                                                            config.eval.batch_size)}
+                                                            config.eval.batch_size, config.eval.protocol)}
             if is_main:
                 (workdir / "eval").mkdir(exist_ok=True)
                 (workdir / "eval" / f"step_{step}.json").write_text(json.dumps(last_eval, indent=2) + "\n")
                 metrics_log.write({f"eval_{k}" if k != "step" else k: v for k, v in last_eval.items()})
                 bar.write(f"step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in last_eval.items()
-                                                      if k.startswith(("i2t", "t2i", "rsum"))))
+                                                      if k.startswith(("i2t", "t2i", "rsum", "R", "mAP", "mINP"))))
         if save_now:
             checkpoint.save(mngr, step, params=params, opt_state=opt_state, data_iterator=data_iterator,
                             meta={**meta, "step": step})

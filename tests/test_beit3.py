@@ -19,9 +19,15 @@ with warnings.catch_warnings():
     from torchscale.architecture.config import EncoderConfig
     from torchscale.model.BEiT3 import BEiT3 as TorchBEiT3
 
-from jaxretrieval.models.beit3 import BEIT3_PRESETS, BEiT3Retrieval, params_from_torchscale  # noqa: E402
+from jaxretrieval.config import load_config  # noqa: E402
+from jaxretrieval.models import create_model  # noqa: E402
+from jaxretrieval.models.beit3 import BEiT3Retrieval, params_from_torchscale  # noqa: E402
 
-TINY = BEIT3_PRESETS["beit3_tiny"]
+CONFIG = load_config(None, ["model.name=beit3_tiny", "model.drop_path=0.2"]).model
+TINY = {"layers": CONFIG.multiway.layers, "width": CONFIG.multiway.width, "heads": CONFIG.multiway.heads,
+        "ffn_dim": CONFIG.multiway.ffn_dim, "image_size": CONFIG.image.image_size,
+        "patch_size": CONFIG.image.patch_size, "vocab_size": CONFIG.text.vocab_size,
+        "max_text_positions": CONFIG.multiway.max_text_positions}
 BATCH, TEXT_LEN = 3, 7
 TOL = 1e-4
 
@@ -49,11 +55,12 @@ class TorchRetrieval(torch.nn.Module):
 
 def torch_config(**overrides) -> EncoderConfig:
     # unilm's _get_base_config with the tiny sizes; subln and the multiway final norm are EncoderConfig defaults.
-    return EncoderConfig(
-        encoder_layers=TINY["layers"], encoder_embed_dim=TINY["width"], encoder_attention_heads=TINY["heads"],
-        encoder_ffn_embed_dim=TINY["ffn_dim"], img_size=TINY["image_size"], patch_size=TINY["patch_size"],
-        vocab_size=TINY["vocab_size"], max_source_positions=TINY["max_text_positions"], multiway=True,
-        layernorm_embedding=False, normalize_output=True, no_output_layer=True, **overrides)
+    sizes = {"encoder_layers": TINY["layers"], "encoder_embed_dim": TINY["width"],
+             "encoder_attention_heads": TINY["heads"], "encoder_ffn_embed_dim": TINY["ffn_dim"],
+             "img_size": TINY["image_size"], "patch_size": TINY["patch_size"], "vocab_size": TINY["vocab_size"],
+             "max_source_positions": TINY["max_text_positions"]}
+    return EncoderConfig(**{**sizes, **overrides}, multiway=True, layernorm_embedding=False, normalize_output=True,
+                         no_output_layer=True)
 
 
 def randomised_reference() -> TorchRetrieval:
@@ -73,7 +80,8 @@ def randomised_reference() -> TorchRetrieval:
 @pytest.fixture(scope="module")
 def pair() -> tuple[TorchRetrieval, BEiT3Retrieval]:
     reference = randomised_reference()
-    model = BEiT3Retrieval(rngs=nnx.Rngs(0), drop_path_rate=0.2, **TINY)
+    model = create_model(CONFIG)
+    assert isinstance(model, BEiT3Retrieval)
     graphdef, state = nnx.split(model)
     params = params_from_torchscale(reference.state_dict())
     assert jax.tree.structure(params) == jax.tree.structure(nnx.to_pure_dict(state))
@@ -104,7 +112,7 @@ def test_image_tower_matches_torchscale(pair):
     with torch.no_grad():
         cls, embedding = reference.image(nchw(pixels))
     assert close(model.image_features(jnp.asarray(pixels)), cls) < TOL
-    assert close(model.encode_image(jnp.asarray(pixels)), embedding) < TOL
+    assert close(model.encode_image(jnp.asarray(pixels), True), embedding) < TOL
 
 
 def test_text_tower_matches_torchscale_with_padding(pair):
@@ -113,11 +121,14 @@ def test_text_tower_matches_torchscale_with_padding(pair):
     with torch.no_grad():
         cls, embedding = reference.text(torch.from_numpy(tokens), torch.from_numpy(padding).bool())
     assert close(model.text_features(jnp.asarray(tokens), jnp.asarray(padding)), cls) < TOL
-    assert close(model.encode_text(jnp.asarray(tokens), jnp.asarray(padding)), embedding) < TOL
+    assert close(model.encode_text(jnp.asarray(tokens), True, padding_mask=jnp.asarray(padding)), embedding) < TOL
     # What sits under the padding must not matter.
     scrambled = np.where(padding == 1, 1, tokens)
-    np.testing.assert_allclose(model.encode_text(jnp.asarray(scrambled), jnp.asarray(padding)),
-                               model.encode_text(jnp.asarray(tokens), jnp.asarray(padding)), atol=1e-6)
+    np.testing.assert_allclose(model.encode_text(jnp.asarray(scrambled), padding_mask=jnp.asarray(padding)),
+                               model.encode_text(jnp.asarray(tokens), padding_mask=jnp.asarray(padding)), atol=1e-6)
+    # Without an explicit mask the pads are the positions holding model.multiway.pad_id, as the tokenizers pad.
+    padded = np.where(padding == 1, CONFIG.multiway.pad_id, tokens)
+    assert close(model.encode_text(jnp.asarray(padded), True), embedding) < TOL
 
 
 def test_joint_sequence_matches_torchscale(pair):
@@ -134,11 +145,12 @@ def test_joint_sequence_matches_torchscale(pair):
 def test_heads_scale_and_drop_path(pair):
     reference, model = pair
     pixels, tokens, padding = inputs()
-    image, text, scale = model(jnp.asarray(pixels), jnp.asarray(tokens), jnp.asarray(padding))
+    image, text, scale = model(jnp.asarray(pixels), jnp.asarray(np.where(padding == 1, CONFIG.multiway.pad_id,
+                                                                          tokens)))
     np.testing.assert_allclose(np.linalg.norm(np.asarray(image), axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(text), axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(float(scale), math.exp(2.3), rtol=1e-6)
-    fresh = BEiT3Retrieval(rngs=nnx.Rngs(1), **TINY)
+    fresh = create_model(CONFIG, seed=1)
     np.testing.assert_allclose(float(fresh.logit_scale[...]), math.log(1 / 0.07), rtol=1e-6)
     # Drop path rates rise linearly from 0 at the first layer (which therefore has none) to the last.
     assert model.beit3.layers[0].drop_path is None

@@ -133,9 +133,10 @@ def test_iterator_state_resumes_the_same_stream(demo_root):
 def test_eval_inputs_align_captions_with_gallery(demo_root):
     config = tiny_config(demo_root)
     source = caption_source(config, demo_root, "test")
-    images, tokens, text_to_image = eval_inputs(config, source, make_tokenizer(config, demo_root))
-    assert len(images) == len(set(text_to_image)) and tokens.shape[0] == len(text_to_image)
-    assert images[0:5].shape == (5, 32, 32, 3)
+    inputs = eval_inputs(config, source, make_tokenizer(config, demo_root))
+    assert len(inputs.images) == len(set(inputs.text_groups)) and inputs.tokens.shape[0] == len(inputs.text_groups)
+    np.testing.assert_array_equal(inputs.image_groups, np.arange(len(inputs.images)))
+    assert inputs.images[0:5].shape == (5, 32, 32, 3)
 
 
 def test_vocabulary_command_writes_a_vocab_the_tokenizer_reads(demo_root, tmp_path):

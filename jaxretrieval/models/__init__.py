@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxretrieval.models import beit3
+from jaxretrieval.models.beit3 import BEiT3Retrieval
 from jaxretrieval.models.clip import CLIP, l2_normalize
 from jaxretrieval.models.presets import MODEL_PRESETS
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# Every family is a dual encoder with the same interface: __call__(pixels, tokens, *, rngs) -> (normalised image
+# embeddings, normalised text embeddings, logit scale), encode_image / encode_text(x, normalize) and scale().
+FAMILIES = {"clip": CLIP, "beit3": BEiT3Retrieval}
 
 
-def create_model(model_config, *, seed: int = 0, precision: str = "fp32") -> CLIP:
+def create_model(model_config, *, seed: int = 0, precision: str = "fp32") -> CLIP | BEiT3Retrieval:
     """Builds the model `model_config` (a ModelConfig) describes, parameters in fp32."""
-    return CLIP(model_config, rngs=nnx.Rngs(seed), dtype=COMPUTE_DTYPES[precision])
+    return FAMILIES[model_config.family](model_config, rngs=nnx.Rngs(seed), dtype=COMPUTE_DTYPES[precision])
+
+
+def layer_depth(model_config) -> tuple[Callable[[str], int], int] | None:
+    """(parameter path -> depth, the top depth) for layer-wise lr decay; None where the family defines none."""
+    if model_config.family == "beit3":
+        layers = model_config.multiway.layers
+        return functools.partial(beit3.layer_depth, layers=layers), layers + 1
+    return None
 
 
 def abstract_model(model_config, *, precision: str = "fp32") -> tuple[nnx.GraphDef, dict]:
@@ -31,4 +47,5 @@ def init_params(model_config, *, seed: int, precision: str, shardings=None) -> d
     return init()
 
 
-__all__ = ["CLIP", "MODEL_PRESETS", "abstract_model", "create_model", "init_params", "l2_normalize"]
+__all__ = ["CLIP", "FAMILIES", "MODEL_PRESETS", "BEiT3Retrieval", "abstract_model", "create_model", "init_params",
+           "layer_depth", "l2_normalize"]

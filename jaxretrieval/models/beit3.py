@@ -9,6 +9,7 @@ output before out_proj and one on the FFN hidden state before fc2.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,21 +24,6 @@ from jaxretrieval.models.layers import dense, layer_norm
 
 # torchscale (like fairseq) numbers positions from 2, so rows 0 and 1 of both position tables are never read.
 POSITION_OFFSET = 2
-
-
-def _preset(layers: int, width: int, heads: int, image_size: int) -> dict[str, int]:
-    return {"layers": layers, "width": width, "heads": heads, "ffn_dim": 4 * width, "image_size": image_size,
-            "patch_size": 16, "vocab_size": 64010, "max_text_positions": 1024}
-
-
-BEIT3_PRESETS: dict[str, dict[str, int]] = {
-    "beit3_tiny": {"layers": 2, "width": 64, "heads": 4, "ffn_dim": 128, "image_size": 32, "patch_size": 16,
-                   "vocab_size": 100, "max_text_positions": 32},
-    "beit3_base_patch16_224": _preset(12, 768, 12, 224),
-    "beit3_base_patch16_384": _preset(12, 768, 12, 384),
-    "beit3_large_patch16_224": _preset(24, 1024, 16, 224),
-    "beit3_large_patch16_384": _preset(24, 1024, 16, 384),
-}
 
 
 class Multiway(nnx.Module):
@@ -180,9 +166,16 @@ class BEiT3(nnx.Module):
 class BEiT3Retrieval(nnx.Module):
     """unilm's BEiT3ForRetrieval: CLS of a vision-only / text-only forward through a bias-free head."""
 
-    def __init__(self, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, **config: Any):
-        self.beit3 = BEiT3(rngs=rngs, dtype=dtype, **config)
-        width = config["width"]
+    def __init__(self, config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        """config: a `jaxretrieval.config.ModelConfig` with family beit3."""
+        multiway = config.multiway
+        self.beit3 = BEiT3(layers=multiway.layers, width=multiway.width, heads=multiway.heads,
+                           ffn_dim=multiway.ffn_dim, image_size=config.image.image_size,
+                           patch_size=config.image.patch_size, vocab_size=config.text.vocab_size,
+                           max_text_positions=multiway.max_text_positions, drop_path_rate=config.drop_path,
+                           rngs=rngs, dtype=dtype)
+        self.pad_id = multiway.pad_id
+        width = multiway.width
         self.vision_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)
         self.language_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)
         self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
@@ -193,14 +186,17 @@ class BEiT3Retrieval(nnx.Module):
 
     def text_features(self, tokens: jax.Array, padding_mask: jax.Array | None = None, *,
                       rngs: nnx.Rngs | None = None) -> jax.Array:
-        """The encoder's first text token ([bos]), before the head."""
+        """The encoder's first text token ([bos]), before the head. padding_mask: 1 on pads (default: the
+        positions holding the pad id)."""
+        if padding_mask is None:
+            padding_mask = tokens == self.pad_id
         return self.beit3(tokens=tokens, padding_mask=padding_mask, rngs=rngs)[:, 0]
 
-    def encode_image(self, pixels: jax.Array, normalize: bool = True, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def encode_image(self, pixels: jax.Array, normalize: bool = False, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         features = self.vision_head(self.image_features(pixels, rngs=rngs)).astype(jnp.float32)
         return l2_normalize(features) if normalize else features
 
-    def encode_text(self, tokens: jax.Array, padding_mask: jax.Array | None = None, normalize: bool = True, *,
+    def encode_text(self, tokens: jax.Array, normalize: bool = False, *, padding_mask: jax.Array | None = None,
                     rngs: nnx.Rngs | None = None) -> jax.Array:
         features = self.language_head(self.text_features(tokens, padding_mask, rngs=rngs)).astype(jnp.float32)
         return l2_normalize(features) if normalize else features
@@ -208,11 +204,23 @@ class BEiT3Retrieval(nnx.Module):
     def scale(self) -> jax.Array:
         return jnp.exp(self.logit_scale[...])
 
-    def __call__(self, pixels: jax.Array, tokens: jax.Array, padding_mask: jax.Array | None = None, *,
-                 rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Normalised image and text embeddings and the logit scale exp(t)."""
-        return (self.encode_image(pixels, rngs=rngs), self.encode_text(tokens, padding_mask, rngs=rngs),
-                self.scale())
+    def __call__(self, pixels: jax.Array, tokens: jax.Array, *, rngs: nnx.Rngs | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normalised image and text embeddings and the logit scale exp(t); rngs drop paths (training)."""
+        return (self.encode_image(pixels, normalize=True, rngs=rngs),
+                self.encode_text(tokens, normalize=True, rngs=rngs), self.scale())
+
+
+def layer_depth(path: str, layers: int) -> int:
+    """unilm's layer id for layer-wise lr decay: embeddings 0, encoder layer i -> i + 1, the rest (final norm,
+    heads, logit scale) layers + 1. `path` is a "/"-joined parameter path."""
+    found = re.search(r"(?:^|/)layers/(\d+)/", path)
+    if found:
+        return int(found.group(1)) + 1
+    if re.search(r"(?:^|/)(text_embed|patch_embed|cls_token|mask_token|vision_positions|text_positions)(?:/|$)",
+                 path):
+        return 0
+    return layers + 1
 
 
 def _linear(sd: Mapping[str, np.ndarray], name: str, bias: bool = True) -> dict[str, np.ndarray]:

@@ -40,6 +40,8 @@ class CLIP(nnx.Module):
     def scale(self) -> jax.Array:
         return jnp.exp(jnp.minimum(self.logit_scale[...], self.max_logit_scale))
 
-    def __call__(self, pixels: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Normalised image and text embeddings and the logit scale exp(t)."""
+    def __call__(self, pixels: jax.Array, tokens: jax.Array, *, rngs: nnx.Rngs | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normalised image and text embeddings and the logit scale exp(t). CLIP has no stochastic layers, so
+        `rngs` (what the train step passes every family) is unused."""
         return self.encode_image(pixels, normalize=True), self.encode_text(tokens, normalize=True), self.scale()

@@ -17,6 +17,18 @@ def _clip(embed: int, image: tuple[int, int, int, int, int], text: tuple[int, in
     }
 
 
+def _beit3(layers: int, width: int, heads: int, image_size: int) -> dict:
+    """unilm's BEiT-3 sizes: patch 16, FFN 4x, XLM-R vocabulary (64010), captions of at most 64 tokens."""
+    return {
+        "family": "beit3",
+        "embed_dim": width,
+        "image": {"image_size": image_size, "patch_size": 16},
+        "text": {"context_length": 64, "vocab_size": 64010},
+        "multiway": {"layers": layers, "width": width, "heads": heads, "ffn_dim": 4 * width,
+                     "max_text_positions": 1024, "pad_id": 1},
+    }
+
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # No preset: every size comes from the config (what `convert` writes for sizes no preset names).
     "custom": {},
@@ -30,4 +42,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "vit_b16": _clip(512, (224, 16, 768, 12, 12), (512, 12, 8)),
     "vit_l14": _clip(768, (224, 14, 1024, 24, 16), (768, 12, 12)),
     "vit_l14_336": _clip(768, (336, 14, 1024, 24, 16), (768, 12, 12)),
+    # The multiway encoder at test and CPU-demo size; pad id 0 follows the demo's word tokenizer.
+    "beit3_tiny": {
+        "family": "beit3",
+        "embed_dim": 96,
+        "image": {"image_size": 32, "patch_size": 4},
+        "text": {"context_length": 32, "vocab_size": 128},
+        "multiway": {"layers": 3, "width": 96, "heads": 4, "ffn_dim": 192, "max_text_positions": 34, "pad_id": 0},
+    },
+    "beit3_base_patch16_224": _beit3(12, 768, 12, 224),
+    "beit3_base_patch16_384": _beit3(12, 768, 12, 384),
+    "beit3_large_patch16_224": _beit3(24, 1024, 16, 224),
+    "beit3_large_patch16_384": _beit3(24, 1024, 16, 384),
 }
