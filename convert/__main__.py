@@ -2,6 +2,7 @@
 
   python -m convert clip SRC OUT [--format openai|open_clip|hf] [--config JSON] [--image-size N] [--bpe PATH]
   python -m convert clip-export CKPT OUT --format open_clip|hf
+  python -m convert beit3 SRC.pth OUT --spm PATH [--image-size N]
 """
 
 from __future__ import annotations
@@ -30,10 +31,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="step folder, checkpoints folder or workdir")
     export.add_argument("out", help="new folder for the exported model (must not exist)")
     export.add_argument("--format", required=True, choices=["open_clip", "hf"])
+
+    beit3 = families.add_parser("beit3", help="a unilm BEiT-3 .pth (retrieval fine-tune or pretrained) -> our "
+                                              "checkpoint")
+    beit3.add_argument("src", help="unilm checkpoint: {'model': state_dict}, or a bare state dict")
+    beit3.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    beit3.add_argument("--spm", required=True, help="the XLM-R sentencepiece model BEiT-3 was trained with "
+                                                    "(beit3.spm); embedded in the checkpoint")
+    beit3.add_argument("--image-size", type=int, help="resample the vision position table to this input size")
     return parser
 
 
 def _run(args: argparse.Namespace) -> str:
+    if args.command == "beit3":
+        from convert.beit3 import import_beit3
+
+        return str(import_beit3(args.src, args.out, spm=args.spm, image_size=args.image_size))
     from convert.clip import export_clip, import_clip
 
     if args.command == "clip":
