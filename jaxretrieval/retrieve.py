@@ -22,7 +22,9 @@ from jaxretrieval.retrieval import recall_table
 
 def retrieve(checkpoint_path: str | Path, images: str | Path, captions: str | Path, *, batch_size: int = 256,
              workers: int = 0) -> dict:
-    config = saved_config(checkpoint_path, [f"data.workers={workers}", f"eval.batch_size={batch_size}"])
+    # The recall table is image-text recall, whatever protocol the checkpoint was trained to report.
+    config = saved_config(checkpoint_path, [f"data.workers={workers}", f"eval.batch_size={batch_size}",
+                                            "eval.protocol=image_text"])
     return evaluate_checkpoint(config, checkpoint_path, CaptionSource(captions, images))
 
 

@@ -13,7 +13,7 @@ import sentencepiece
 import yaml
 from conftest import REPO
 
-from jaxretrieval import evaluate, predict, train
+from jaxretrieval import evaluate, predict, retrieve, train
 from jaxretrieval.config import load_config
 from jaxretrieval.data.pipeline import caption_source, eval_inputs, make_tokenizer
 from jaxretrieval.data.sources import DataError
@@ -117,3 +117,13 @@ def test_tokenizer_padding_must_match_the_model(demo_root, tmp_path):
     tokenizer = make_tokenizer(small_config(demo_root, **{"data.tokenizer": "../lhp_test.spm",
                                                           "model.multiway.pad_id": 1}), demo_root)
     assert tokenizer.pad_id == 1 and jax.numpy.asarray(tokenizer(["a red circle"]))[0, 0] == 0
+
+
+def test_retrieve_reports_image_text_recall_for_a_text_to_image_checkpoint(trained, demo_root, capsys):
+    workdir, _, result = trained
+    assert retrieve.main(["--checkpoint", str(workdir), "--images", str(demo_root), "--captions",
+                          str(demo_root / "test.jsonl")]) == 0
+    table = capsys.readouterr().out
+    assert "image -> text" in table
+    t2i_r1 = float(table.split("text -> image")[1].split()[0])
+    assert t2i_r1 == pytest.approx(result["R1"], abs=0.05)  # one image per caption group: the same ranking
