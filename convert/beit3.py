@@ -3,11 +3,8 @@ retrieval heads) to jaxretrieval checkpoints, with the XLM-R sentencepiece token
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import pickle
-import re
 import warnings
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import jax
 import numpy as np
 
 from convert import ConvertError
-from convert.sources import _to_numpy, load_tensors
+from convert.sources import load_pickle, load_tensors, to_numpy
 from jaxretrieval.checkpoint import write_model
 from jaxretrieval.config import Config, load_config, to_dict
 from jaxretrieval.data.spm import SentencePieceTokenizer
@@ -42,34 +39,17 @@ class Sizes:
     max_text_positions: int
 
 
-def _load_pickle(path: Path) -> object:
-    try:
-        import torch
-    except ImportError:
-        raise ConvertError("reading PyTorch weights needs torch: pip install 'jaxretrieval[convert]'") from None
-    try:
-        # unilm's training checkpoints keep their argparse options beside the weights.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", str(e), re.S)
-        reason = (found.group(1) if found else str(e)).split(". ")[0].strip()
-        raise ConvertError(f"refusing to load {path}: torch.load(weights_only=True) rejects it ({reason})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ConvertError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
-
-
 def read_state(path: Path) -> dict[str, np.ndarray]:
     """The state dict of a unilm checkpoint as float32/int numpy arrays, unwrapped from model/module/state_dict."""
     if path.suffix == ".safetensors":
         return load_tensors(path)[0]
     if not path.is_file():
         raise ConvertError(f"{path} does not exist or is not a file")
-    loaded = _load_pickle(path)
+    loaded = load_pickle(path)
     if not isinstance(loaded, dict):
         raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict")
     wrapper = next((key for key in WRAPPERS if isinstance(loaded.get(key), dict)), None)
-    return _to_numpy(loaded[wrapper] if wrapper else loaded, path)
+    return to_numpy(loaded[wrapper] if wrapper else loaded, path)
 
 
 def _shape(state: dict[str, np.ndarray], key: str, where: str) -> tuple[int, ...]:

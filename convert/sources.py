@@ -3,6 +3,7 @@ TorchScript archives (OpenAI's released CLIP files), plus the JSON files that tr
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 import re
@@ -36,7 +37,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _to_numpy(state: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
+def to_numpy(state: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
     import torch
 
     if isinstance(state.get("state_dict"), dict):  # a training checkpoint (open_clip's own `epoch_N.pt`)
@@ -51,20 +52,45 @@ def _to_numpy(state: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def require_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError("reading PyTorch weights needs torch: pip install 'jaxretrieval[convert]'") from None
+    return torch
+
+
+def load_pickle(path: Path) -> Any:
+    """A `torch.save` file opened with `torch.load(weights_only=True)`: tensors and plain containers only (plus the
+    argparse options unilm's training checkpoints keep beside the weights)."""
+    torch = require_torch()
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle stream
+        raise ConvertError(f"cannot read {path}: not a PyTorch checkpoint, safetensors file or TorchScript archive")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", str(e), re.S)
+        reason = (found.group(1) if found else str(e)).split(". ")[0].strip()
+        raise ConvertError(f"refusing to load {path}: torch.load(weights_only=True), the only way pickles are "
+                           f"opened here, rejects it: {reason}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ConvertError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
+
+
 def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
     """(state dict as numpy arrays, how it was stored: safetensors | torchscript | pickle)."""
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path} does not exist or is not a file")
-    try:
-        import torch
-    except ImportError:
-        raise ConvertError("reading PyTorch weights needs torch: pip install 'jaxretrieval[convert]'") from None
+    torch = require_torch()
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return _to_numpy(load_file(str(path)), path), "safetensors"
+            return to_numpy(load_file(str(path)), path), "safetensors"
         except Exception as e:  # the safetensors reader raises its own error types
             raise ConvertError(f"cannot read {path} as safetensors: {e}") from None
     if is_torchscript(path):
@@ -74,23 +100,11 @@ def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
             module = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as e:
             raise ConvertError(f"cannot load TorchScript archive {path}: {e}") from None
-        return _to_numpy(dict(module.state_dict()), path), "torchscript"
-    with path.open("rb") as f:
-        head = f.read(2)
-    if head != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor its legacy pickle stream
-        raise ConvertError(f"cannot read {path}: not a PyTorch checkpoint, safetensors file or TorchScript archive")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", str(e), re.S)
-        reason = (found.group(1) if found else str(e)).split(". ")[0].strip()
-        raise ConvertError(f"refusing to load {path}: torch.load(weights_only=True), the only way pickles are "
-                           f"opened here, rejects it: {reason}") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ConvertError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
+        return to_numpy(dict(module.state_dict()), path), "torchscript"
+    loaded = load_pickle(path)
     if not isinstance(loaded, dict):
         raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    return _to_numpy(loaded, path), "pickle"
+    return to_numpy(loaded, path), "pickle"
 
 
 def load_hf_weights(folder: Path) -> dict[str, np.ndarray]:
