@@ -1,23 +1,36 @@
-"""One full CLIP train step, jaxretrieval against open_clip (PyTorch), same model, batch and machine.
+"""One full train step, jaxretrieval against the PyTorch original, same model, batch and machine.
 
 `python benchmarks/train_step.py --model vit_b32 --batch 16 --steps 10 --warmup 3 [--precision fp32|bf16]
-[--threads N] [--rounds R] [--json FILE]`
+[--threads N] [--rounds R] [--peak-tflops P] [--json FILE] [key.path=value ...]`
 
-A step is: forward through both towers, symmetric InfoNCE, backward, global-norm gradient clipping and an
-AdamW update. The jax side is jaxretrieval's own `make_train_step`, jitted with a one-device mesh and the
-trainer's shardings; the torch side is open_clip's model and `ClipLoss` with `torch.optim.AdamW` and
-`clip_grad_norm_`, using the same hyper-parameters and the same weight-decay mask (matrices only). Both get
-the same random batch. Time per step is the median of --steps synchronised steps after --warmup steps (the
-first warmup step, which includes jax's compilation, is reported separately). Each framework runs in a fresh
-child process pinned to --threads cores; --rounds alternates them and reports the median round.
+A step is: forward through both towers (CLIP) or the image-only and text-only forwards of the one multiway
+encoder (BEiT-3), the symmetric contrastive loss, backward, optional global-norm gradient clipping and an AdamW
+update. The jax side is jaxretrieval's own `make_train_step`, jitted with a one-device mesh and the trainer's
+shardings. The torch side is the original arrangement, chosen by `model.family`:
+
+- clip: open_clip's model and `ClipLoss`, `torch.optim.AdamW` with weight decay on matrices only,
+  `clip_grad_norm_`, and the logit-scale clamp after each step.
+- beit3: torchscale's `BEiT3` (the encoder unilm wraps) with unilm's BEiT3ForRetrieval heads and ClipLoss, and
+  `torch.optim.AdamW` over unilm's layer-decay parameter groups; no clipping unless train.grad_clip > 0.
+
+Both sides take their hyper-parameters from the same loaded config; for beit3 the unilm retrieval recipe
+(BEIT3_RECIPE) is applied before any key.path=value overrides given here. Both get the same random batch. Time
+per step is the median of --steps synchronised steps after --warmup steps (the first warmup step, which includes
+jax's compilation, is reported separately). FLOPs per step come from XLA's cost analysis of the compiled jax
+step and are credited to both sides (they do the same work); --peak-tflops adds model FLOPs utilisation. Each
+framework runs in a fresh child process pinned to --threads cores; --rounds alternates them and reports the
+median round.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -25,13 +38,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import date
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 OPEN_CLIP_NAMES = {"vit_b32": "ViT-B-32", "vit_b16": "ViT-B-16", "vit_l14": "ViT-L-14", "vit_l14_336": "ViT-L-14-336"}
+# unilm's retrieval fine-tuning defaults (run_beit3_finetuning.py): AdamW betas 0.9/0.999, eps 1e-8, weight decay
+# 0.05 off vectors, the vision position table and the class token, layer decay, drop path, no gradient clipping.
+BEIT3_RECIPE = ["model.drop_path=0.1", "train.layer_decay=0.85", "train.weight_decay=0.05", "train.b2=0.999",
+                "train.eps=1e-8", "train.grad_clip=0", "train.no_decay=[beit3/vision_positions]"]
+FAMILY_RECIPES = {"clip": [], "beit3": BEIT3_RECIPE}
+TORCH_NAMES = {"clip": "open_clip", "beit3": "torchscale"}
 
 
 def time_steps(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, float]:
@@ -45,34 +64,77 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int) -> tuple[float
 
 
 def random_batch(model_config: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Normalised-looking NHWC images, token rows with EOT (the largest id) at a random position, unique groups."""
+    """Normalised-looking NHWC images, random token rows and unique groups. CLIP rows end in EOT (the largest id)
+    at a random position; BEiT-3 rows hold ids in [3, vocab) for a random length, then the pad id."""
     rng = np.random.default_rng(seed)
     size, text = model_config.image.image_size, model_config.text
-    tokens = rng.integers(1, text.vocab_size - 1, (batch, text.context_length), dtype=np.int32)
-    tokens[np.arange(batch), rng.integers(1, text.context_length, batch)] = text.vocab_size - 1
+    if model_config.family == "beit3":
+        tokens = rng.integers(3, text.vocab_size, (batch, text.context_length), dtype=np.int32)
+        lengths = rng.integers(2, text.context_length + 1, batch)
+        tokens[np.arange(text.context_length)[None] >= lengths[:, None]] = model_config.multiway.pad_id
+    else:
+        tokens = rng.integers(1, text.vocab_size - 1, (batch, text.context_length), dtype=np.int32)
+        tokens[np.arange(batch), rng.integers(1, text.context_length, batch)] = text.vocab_size - 1
     return {"image": rng.standard_normal((batch, size, size, 3), dtype=np.float32), "text": tokens,
             "group": np.arange(batch, dtype=np.int32)}
+
+
+def xla_flops(compiled: Any) -> float | None:
+    """FLOPs XLA's cost analysis counts for one call of a compiled executable (None where it gives none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per partition
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
 
 
 def bench_jax(config: Any, host_batch: dict[str, np.ndarray], warmup: int, steps: int) -> dict[str, Any]:
     import jax
 
+    from jaxretrieval.models import layer_depth
+    from jaxretrieval.optim import decay_mask, layer_lr_scales
     from jaxretrieval.sharding import batch_sharding, make_mesh
     from jaxretrieval.train import setup_training
 
     mesh = make_mesh(config.mesh, devices=jax.devices()[:1])
     _, params, opt_state, step_fn = setup_training(config, mesh)
     batch = jax.device_put(host_batch, batch_sharding(mesh))
-    state = {"params": params, "opt_state": opt_state}
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    sizes = jax.tree.map(lambda p: int(np.prod(p.shape)), params)
+    # What the optimizer decays and how it scales lr, summed over parameters, to check against the torch side.
+    mask = decay_mask(params, config.train.no_decay)
+    decayed = sum(n for n, d in zip(jax.tree.leaves(sizes), jax.tree.leaves(mask), strict=True) if d)
+    depth = layer_depth(config.model)
+    scales = layer_lr_scales(params, depth, config.train.layer_decay) if depth else jax.tree.map(lambda _: 1.0, params)
+    lr_scale_sum = sum(n * s for n, s in zip(jax.tree.leaves(sizes), jax.tree.leaves(scales), strict=True))
+    # Abstract arguments for the cost analysis: the real ones are donated to (and freed by) each step.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            (params, opt_state, batch))
+    state = {"params": params, "opt_state": opt_state, "step": 0}
 
     def step() -> None:
-        state["params"], state["opt_state"], metrics = step_fn(state["params"], state["opt_state"], batch)
+        state["step"] += 1
+        state["params"], state["opt_state"], metrics = step_fn(state["params"], state["opt_state"], batch,
+                                                               np.int32(state["step"]))
         jax.block_until_ready((state["params"], metrics))
 
     first, median = time_steps(step, warmup, steps)
-    return {"framework": "jaxretrieval", "device": jax.devices()[0].device_kind, "params": n_params,
-            "first_step_s": first, "step_s": median}
+    # Compiled again here, after the timing (the jitted function's own executable is not exposed).
+    flops = xla_flops(step_fn.lower(*abstract, np.int32(0)).compile())
+    return {"framework": "jaxretrieval", "device": jax.devices()[0].device_kind,
+            "params": sum(jax.tree.leaves(sizes)), "decayed_params": decayed, "lr_scale_sum": lr_scale_sum,
+            "flops": flops, "first_step_s": first, "step_s": median}
+
+
+@dataclasses.dataclass
+class TorchSide:
+    """What the generic torch loop needs from a family: the model (on the batch's device), AdamW's parameter
+    groups (each with its own lr and weight_decay), the forward-and-loss on the fixed batch, and an optional
+    post-update hook."""
+
+    model: Any
+    groups: list[dict[str, Any]]
+    loss: Callable[[], Any]
+    after_step: Callable[[], None] | None = None
 
 
 def open_clip_model(model_config: Any) -> Any:
@@ -94,41 +156,157 @@ def open_clip_model(model_config: Any) -> Any:
                 init_logit_scale=model_config.init_logit_scale)
 
 
-def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, steps: int) -> dict[str, Any]:
+def torch_clip(config: Any, images: Any, tokens: Any) -> TorchSide:
+    """open_clip's CLIP and ClipLoss; weight decay on matrices only; the scale clamped after each step."""
     import open_clip
+    import torch
+
+    cfg = config.train
+    model = open_clip_model(config.model).to(images.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": cfg.lr},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": cfg.lr}]
+    loss_fn = open_clip.loss.ClipLoss()
+
+    def loss() -> Any:
+        return loss_fn(*model(images, tokens))
+
+    def clamp() -> None:  # open_clip's training loop clamps the scale after each step
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, config.model.max_logit_scale)
+
+    return TorchSide(model, groups, loss, clamp)
+
+
+def torchscale_beit3(model_config: Any) -> Any:
+    """unilm's BEiT3ForRetrieval on torchscale's BEiT3 (as tests/test_beit3.py builds it), drop path as set."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torchscale imports timm's old module path
+        from torchscale.architecture.config import EncoderConfig
+        from torchscale.model.BEiT3 import BEiT3
+
+    multiway = model_config.multiway
+    # unilm's _get_base_config with the configured sizes.
+    args = EncoderConfig(
+        encoder_layers=multiway.layers, encoder_embed_dim=multiway.width, encoder_attention_heads=multiway.heads,
+        encoder_ffn_embed_dim=multiway.ffn_dim, img_size=model_config.image.image_size,
+        patch_size=model_config.image.patch_size, vocab_size=model_config.text.vocab_size,
+        max_source_positions=multiway.max_text_positions, multiway=True, layernorm_embedding=False,
+        normalize_output=True, no_output_layer=True, drop_path_rate=model_config.drop_path)
+
+    class BEiT3ForRetrieval(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            width = multiway.width
+            self.beit3 = BEiT3(args)
+            self.vision_head = torch.nn.Linear(width, width, bias=False)
+            self.language_head = torch.nn.Linear(width, width, bias=False)
+            self.logit_scale = torch.nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+
+        def forward(self, image: Any, text: Any, padding_mask: Any) -> tuple[Any, Any]:
+            vision = self.beit3(textual_tokens=None, visual_tokens=image, text_padding_position=None)
+            vision_cls = torch.nn.functional.normalize(self.vision_head(vision["encoder_out"][:, 0]), dim=-1)
+            language = self.beit3(textual_tokens=text, visual_tokens=None, text_padding_position=padding_mask)
+            language_cls = torch.nn.functional.normalize(self.language_head(language["encoder_out"][:, 0]), dim=-1)
+            return vision_cls, language_cls
+
+    return BEiT3ForRetrieval()
+
+
+def unilm_layer_id(name: str, layers: int) -> int:
+    """unilm's get_num_layer_for_vit (num_max_layer = layers + 2) on a BEiT3ForRetrieval parameter name."""
+    if "embed" in name:
+        return 0
+    found = re.search(r"layers\.(\d+)\.", name)
+    return int(found.group(1)) + 1 if found else layers + 1
+
+
+def unilm_parameter_groups(model: Any, config: Any) -> list[dict[str, Any]]:
+    """unilm's get_parameter_groups with its LayerDecayValueAssigner: one group per (layer id, decay or not), lr
+    scaled by layer_decay ** (layers + 1 - id); no weight decay on vectors, biases and BEiT3Wrapper's
+    no_weight_decay() names."""
+    cfg, layers = config.train, config.model.multiway.layers
+    skip = {"pos_embed", "cls_token", "beit3.encoder.embed_positions.A.weight", "beit3.vision_embed.cls_token",
+            "logit_scale"}
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not (param.ndim == 1 or name.endswith(".bias") or name in skip)
+        layer = unilm_layer_id(name, layers)
+        scale = cfg.layer_decay ** (layers + 1 - layer)
+        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": cfg.weight_decay if decay else 0.0,
+                                                   "lr": cfg.lr * scale, "lr_scale": scale})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def torch_beit3(config: Any, images: Any, tokens: Any) -> TorchSide:
+    """torchscale BEiT-3 with unilm's retrieval heads, ClipLoss and layer-decay parameter groups."""
+    import torch
+
+    model = torchscale_beit3(config.model).to(images.device)
+    padding = tokens == config.model.multiway.pad_id
+
+    def loss() -> Any:  # unilm's utils.ClipLoss on one process
+        image, text = model(images, tokens, padding)
+        logits = model.logit_scale.exp() * image @ text.t()
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (torch.nn.functional.cross_entropy(logits, labels)
+                + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+
+    return TorchSide(model, unilm_parameter_groups(model, config), loss)
+
+
+TORCH_SIDES = {"clip": torch_clip, "beit3": torch_beit3}
+
+
+def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, steps: int) -> dict[str, Any]:
     import torch
 
     cfg = config.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    model = open_clip_model(config.model).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
-    loss_fn = open_clip.loss.ClipLoss()
     images = torch.from_numpy(host_batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
     tokens = torch.from_numpy(host_batch["text"]).long().to(device)
-    max_scale = config.model.max_logit_scale
+    side = TORCH_SIDES[config.model.family](config, images, tokens)
+    side.model.train()
+    params = [p for group in side.groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(side.groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            image_features, text_features, scale = model(images, tokens)
-            loss = loss_fn(image_features, text_features, scale)
+            loss = side.loss()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
-        with torch.no_grad():  # open_clip's training loop clamps the scale after each step
-            model.logit_scale.clamp_(0, max_scale)
+        if side.after_step is not None:
+            side.after_step()
         loss.item()  # waits for the step on any device
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     first, median = time_steps(step, warmup, steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"framework": "open_clip", "device": name, "params": sum(p.numel() for p in params),
-            "first_step_s": first, "step_s": median}
+    # Parameters that get no gradient (BEiT-3's mask token) are never decayed by torch's AdamW.
+    decayed = sum(p.numel() for g in side.groups if g["weight_decay"] > 0 for p in g["params"] if p.grad is not None)
+    lr_scale_sum = sum(g["lr"] / cfg.lr * p.numel() for g in side.groups for p in g["params"])
+    return {"framework": TORCH_NAMES[config.model.family], "device": name, "params": sum(p.numel() for p in params),
+            "decayed_params": decayed, "lr_scale_sum": lr_scale_sum, "flops": None, "first_step_s": first,
+            "step_s": median}
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "-"
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -139,9 +317,9 @@ def environment(threads: int) -> dict[str, Any]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    packages = ["jax", "jaxlib", "flax", "optax", "torch", "open_clip_torch"]
+    packages = ["jax", "jaxlib", "flax", "optax", "torch", "open_clip_torch", "torchscale", "timm"]
     return {"date": date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), **{name: version(name) for name in packages}}
+            "python": platform.python_version(), **{name: package_version(name) for name in packages}}
 
 
 def run_isolated(name: str, argv: list[str]) -> dict[str, Any]:
@@ -153,10 +331,22 @@ def run_isolated(name: str, argv: list[str]) -> dict[str, Any]:
         return json.loads(out.read_text())["rows"][0]
 
 
+def bench_config(model: str, batch: int, precision: str, overrides: list[str]) -> tuple[Any, list[str]]:
+    """The loaded config and every override applied: preset, the family's recipe, then the user's overrides."""
+    from jaxretrieval.config import load_config
+
+    base = [f"model.name={model}", f"train.batch_size={batch}", f"train.precision={precision}"]
+    family = load_config(None, base).model.family
+    applied = [*FAMILY_RECIPES[family], *overrides]
+    return load_config(None, base + applied), applied
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="vit_b32", help="jaxretrieval preset (tiny, vit_b32, vit_b16, ...)")
+    parser.add_argument("--model", default="vit_b32",
+                        help="jaxretrieval preset (tiny, vit_b32, vit_b16, ..., beit3_tiny, beit3_base_patch16_224, "
+                             "...)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1: compilation)")
@@ -167,7 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="with both frameworks: alternate fresh jax and torch processes this many times and "
                              "report the median round (evens out a host whose load drifts)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s at this precision (e.g. 989 for an H100 SXM in dense "
+                             "bf16): adds model FLOPs utilisation (MFU)")
     parser.add_argument("--json", default=None, help="also write the rows and environment to this file")
+    parser.add_argument("overrides", nargs="*", help="config key.path=value, applied to both sides (after the "
+                                                     "family's recipe: beit3 gets " + " ".join(BEIT3_RECIPE) + ")")
     args = parser.parse_args(argv)
 
     frameworks = args.frameworks.split(",")
@@ -177,13 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     threads = min(args.threads or len(cores), len(cores))
     env = environment(threads)
     if len(frameworks) > 1:
+        _, applied = bench_config(args.model, args.batch, args.precision, args.overrides)
         print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+        print("config overrides: " + (" ".join(applied) or "none"), flush=True)
         runs = [run_isolated(name, argv) for _ in range(args.rounds) for name in frameworks]
         rows = []
         for i in range(len(frameworks)):
             mine = runs[i::len(frameworks)]  # runs are round-major
             median = sorted(mine, key=lambda r: r["step_s"])[(len(mine) - 1) // 2]
             rows.append({**median, "round_step_s": [r["step_s"] for r in mine]})
+        flops = next((row["flops"] for row in rows if row["flops"]), None)
+        for row in rows:  # the torch side does the same work; XLA's count stands for both
+            row["flops"] = flops
     else:
         # Pinned before jax or torch start their thread pools: XLA's CPU client sizes its pool by the
         # schedulable cores, and torch is told the same number, so both use the same cores.
@@ -191,19 +391,20 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(threads)
-        from jaxretrieval.config import load_config
-
-        config = load_config(None, [f"model.name={args.model}", f"train.batch_size={args.batch}",
-                                    f"train.precision={args.precision}"])
+        config, applied = bench_config(args.model, args.batch, args.precision, args.overrides)
         bench = {"jax": bench_jax, "torch": bench_torch}[frameworks[0]]
         result = bench(config, random_batch(config.model, args.batch), args.warmup, args.steps)
         rows = [{"model": args.model, "batch": args.batch, "precision": args.precision, "threads": threads,
                  **result, "samples_s": args.batch / result["step_s"]}]
+    for row in rows:
+        row["tflops_s"] = row["flops"] / row["step_s"] / 1e12 if row["flops"] else None
+        row["mfu"] = row["tflops_s"] / args.peak_tflops if row["tflops_s"] and args.peak_tflops else None
 
     header = ["model", "batch", "framework", "device", "precision", "params", "first step (s)",
-              "step (ms, median)", "samples/s", "jax/torch"]
+              "step (ms, median)", "samples/s", "jax/torch", "GFLOP/step (XLA)", "TFLOP/s", "MFU"]
     speed = {row["framework"]: row["samples_s"] for row in rows}
-    ratio = f"{speed['jaxretrieval'] / speed['open_clip']:.2f}x" if len(speed) == 2 else "-"
+    others = [name for name in speed if name != "jaxretrieval"]
+    ratio = f"{speed['jaxretrieval'] / speed[others[0]]:.2f}x" if "jaxretrieval" in speed and others else "-"
     rounds = f", median of {args.rounds} alternating rounds" if len(frameworks) > 1 and args.rounds > 1 else ""
     print(f"\n{args.steps} timed steps after {args.warmup} warmup, {threads} threads{rounds}\n")
     print("| " + " | ".join(header) + " |")
@@ -211,14 +412,21 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         cells = [row["model"], row["batch"], row["framework"], row["device"], row["precision"],
                  f"{row['params'] / 1e6:.2f}M", f"{row['first_step_s']:.2f}", f"{row['step_s'] * 1e3:.1f}",
-                 f"{row['samples_s']:.1f}", ratio if row["framework"] == "jaxretrieval" else ""]
+                 f"{row['samples_s']:.1f}", ratio if row["framework"] == "jaxretrieval" else "",
+                 f"{row['flops'] / 1e9:.1f}" if row["flops"] else "-",
+                 f"{row['tflops_s']:.3f}" if row["tflops_s"] else "-", f"{row['mfu']:.1%}" if row["mfu"] else "-"]
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
     for row in rows:
         if len(row.get("round_step_s", [])) > 1:
             print(f"{row['framework']} rounds (ms/step): " + ", ".join(f"{t * 1e3:.0f}" for t in row["round_step_s"]))
+    if len(rows) == 2:  # the two optimizers must treat the same parameters alike
+        decayed, scales = ([row[key] for row in rows] for key in ("decayed_params", "lr_scale_sum"))
+        agree = decayed[0] == decayed[1] and math.isclose(scales[0], scales[1], rel_tol=1e-6)
+        print(f"optimizer groups {'agree' if agree else 'DIFFER'}: weight-decayed parameters "
+              f"{decayed[0]:,} / {decayed[1]:,}, parameters weighted by lr scale {scales[0]:,.1f} / {scales[1]:,.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "steps": args.steps, "warmup": args.warmup,
-                                               "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"environment": env, "overrides": applied, "steps": args.steps,
+                                               "warmup": args.warmup, "rows": rows}, indent=2) + "\n")
     return 0
 
 
