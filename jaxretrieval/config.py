@@ -131,6 +131,16 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    # auto: start jax.distributed when JAX_COORDINATOR_ADDRESS is set (the SLURM and local launchers set it);
+    # always: start it regardless (Cloud TPU pods, where jax finds every setting itself); never.
+    initialize: str = "auto"
+    coordinator_address: str = ""  # host:port of process 0; default JAX_COORDINATOR_ADDRESS
+    num_processes: int = 0  # default JAX_NUM_PROCESSES, else jax's cluster detection
+    process_id: int = -1  # default JAX_PROCESS_ID, else jax's cluster detection
+
+
+@dataclasses.dataclass
 class EvalConfig:
     batch_size: int = 256
     split: str = "test"
@@ -149,6 +159,7 @@ class Config:
     # first match wins; parameters that match nothing are replicated.
     sharding: list[list[Any]] = dataclasses.field(default_factory=list)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 # Names users bring from other trainers, pointed at ours in "did you mean" hints.
@@ -287,6 +298,8 @@ def validate(config: Config, source: str = "config") -> None:
         (0 < config.data.local_scale[0] <= config.data.local_scale[1] <= 1,
          "data.local_scale must be [low, high] with 0 < low <= high <= 1"),
         (config.eval.protocol in ("image_text", "text_to_image"), "eval.protocol must be image_text or text_to_image"),
+        (config.distributed.initialize in ("auto", "always", "never"),
+         "distributed.initialize must be auto, always or never"),
         (config.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
         (config.train.batch_size > 0 and config.train.steps > 0, "train.batch_size and train.steps must be > 0"),
         (len(config.data.mean) == 3 and len(config.data.std) == 3, "data.mean and data.std need 3 values"),

@@ -26,7 +26,7 @@ from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, image_text_recall
 from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
 from jaxretrieval.retrieval.similarity import topk_similarity
-from jaxretrieval.sharding import make_mesh, tree_shardings
+from jaxretrieval.sharding import initialize_distributed, make_mesh, tree_shardings
 
 RECALL_AT = (1, 5, 10)
 
@@ -111,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value")
     args = parser.parse_args(argv)
     try:
-        if args.config:
-            config = load_config(args.config, args.overrides)
-        else:
-            config = saved_config(args.checkpoint, args.overrides)
+        config = load_config(args.config, args.overrides) if args.config else None
+        # Before reading the checkpoint's config: jax.distributed must start before anything touches jax.
+        early = config or load_config(None, [o for o in args.overrides if o.startswith("distributed.")])
+        initialize_distributed(early.distributed)
+        config = config or saved_config(args.checkpoint, args.overrides)
         metrics = run(config, args.checkpoint)
     except (ConfigError, DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -9,10 +10,29 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxretrieval.config import MeshConfig
+from jaxretrieval.config import DistributedConfig, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+
+def initialize_distributed(config: DistributedConfig) -> bool:
+    """Starts jax.distributed (one process per host) when the config or the environment asks for it; True if it
+    did. Call before anything else touches jax."""
+    address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if config.initialize == "never" or (config.initialize == "auto" and not address):
+        return False
+    kwargs: dict[str, Any] = {}
+    if address:
+        kwargs["coordinator_address"] = address
+    num_processes = config.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", 0))
+    if num_processes:
+        kwargs["num_processes"] = num_processes
+    process_id = config.process_id if config.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+    if process_id >= 0:
+        kwargs["process_id"] = process_id
+    jax.distributed.initialize(**kwargs)
+    return True
 
 
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:

@@ -33,7 +33,14 @@ from jaxretrieval.evaluate import evaluate_retrieval
 from jaxretrieval.losses import contrastive_loss
 from jaxretrieval.models import abstract_model, init_params, layer_depth
 from jaxretrieval.optim import learning_rate, make_optimizer
-from jaxretrieval.sharding import batch_sharding, global_batch, make_mesh, replicated, tree_shardings
+from jaxretrieval.sharding import (
+    batch_sharding,
+    global_batch,
+    initialize_distributed,
+    make_mesh,
+    replicated,
+    tree_shardings,
+)
 
 log = logging.getLogger("jaxretrieval.train")
 
@@ -201,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
     try:
         config = load_config(args.config, args.overrides)
+        if initialize_distributed(config.distributed) and jax.process_index() != 0:
+            logging.getLogger().setLevel(logging.WARNING)  # one process reports progress
         result = train(config, workdir)
     except (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if jax.process_index() == 0:
+        print(json.dumps(result, indent=2))
     return 0
 
 
