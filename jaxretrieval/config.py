@@ -112,6 +112,11 @@ class TrainConfig:
     b2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # global norm; 0 disables
+    # > 1: the batch goes through the model in this many micro-batches. accumulation "cache": gradient caching,
+    # exactly the full-batch contrastive gradient; "mean": the mean of each micro-batch's own loss (unilm's
+    # --update_freq).
+    micro_batches: int = 1
+    accumulation: str = "cache"
     precision: str = "fp32"  # fp32, or bf16: bf16 compute with fp32 parameters and optimizer state
     seed: int = 0
     init_from: str = ""  # a model checkpoint (converted or trained) to start from when DIR has none
@@ -165,7 +170,8 @@ class Config:
 # Names users bring from other trainers, pointed at ours in "did you mean" hints.
 ALIASES = {"learning_rate": "lr", "warmup": "warmup_steps", "epochs": "steps", "num_workers": "workers",
            "clip_grad": "grad_clip", "max_grad_norm": "grad_clip", "wd": "weight_decay",
-           "drop_path_rate": "drop_path", "lr_decay": "layer_decay", "input_size": "image_size"}
+           "drop_path_rate": "drop_path", "lr_decay": "layer_decay", "input_size": "image_size",
+           "update_freq": "micro_batches", "grad_accum": "micro_batches", "accum_freq": "micro_batches"}
 
 
 def _nearest(key: str, names: list[str]) -> str | None:
@@ -304,6 +310,9 @@ def validate(config: Config, source: str = "config") -> None:
         (config.train.batch_size > 0 and config.train.steps > 0, "train.batch_size and train.steps must be > 0"),
         (len(config.data.mean) == 3 and len(config.data.std) == 3, "data.mean and data.std need 3 values"),
         (config.train.epochs >= 0, "train.epochs must be >= 0"),
+        (config.train.micro_batches >= 1 and config.train.batch_size % config.train.micro_batches == 0,
+         "train.micro_batches must be >= 1 and divide train.batch_size"),
+        (config.train.accumulation in ("cache", "mean"), "train.accumulation must be cache or mean"),
         (0 < config.train.layer_decay <= 1, "train.layer_decay must be in (0, 1]"),
         (0 <= config.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
     ]

@@ -30,7 +30,7 @@ from jaxretrieval.config import Config, ConfigError, load_config, save_config, t
 from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer, train_loader
 from jaxretrieval.data.sources import DataError
 from jaxretrieval.evaluate import evaluate_retrieval
-from jaxretrieval.losses import contrastive_loss
+from jaxretrieval.gradients import make_grad_fn
 from jaxretrieval.models import abstract_model, init_params, layer_depth
 from jaxretrieval.optim import learning_rate, make_optimizer
 from jaxretrieval.sharding import (
@@ -49,18 +49,15 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0):
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0,
+                    micro_batches: int = 1, accumulation: str = "cache"):
     """(params, opt_state, batch, step) -> (params, opt_state, metrics); stochastic layers (drop path) draw from
-    a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would."""
-
-    def loss_fn(params, batch, step):
-        model = nnx.merge(graphdef, params)
-        rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.key(seed), step))
-        image, text, scale = model(batch["image"], batch["text"], rngs=rngs)
-        return contrastive_loss(image, text, scale, batch["group"]), scale
+    a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would. With
+    micro_batches > 1 the gradient is gathered micro-batch by micro-batch (see jaxretrieval.gradients)."""
+    grad_fn = make_grad_fn(graphdef, micro_batches, accumulation)
 
     def train_step(params, opt_state, batch, step):
-        (loss, scale), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, step)
+        loss, scale, grads = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "logit_scale": scale}
@@ -77,7 +74,7 @@ def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any,
     opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
     params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step_fn = jax.jit(make_train_step(graphdef, tx, cfg.seed),
+    step_fn = jax.jit(make_train_step(graphdef, tx, cfg.seed, cfg.micro_batches, cfg.accumulation),
                       in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
                       donate_argnums=(0, 1))

@@ -1,0 +1,88 @@
+"""Gradients of the contrastive loss over a batch, whole or in micro-batches (large batches on small hardware).
+
+- whole: one forward and backward over the batch.
+- cache (gradient caching, Gao et al. 2021): embed every micro-batch without keeping activations, take the
+  full-batch loss and its gradient with respect to the embeddings, then back-propagate micro-batch by
+  micro-batch with those embedding gradients. The result is the full-batch gradient, with activation memory of
+  one micro-batch (at the price of a second forward).
+- mean: the mean of each micro-batch's own loss and gradient (every micro-batch its own set of negatives, as
+  unilm's --update_freq accumulates).
+
+Micro-batch m holds rows m, m + M, m + 2M, ... so that each one stays spread over every device of the batch axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxretrieval.losses import contrastive_loss
+
+# (params, batch, key) -> (loss, logit scale, grads)
+GradFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array, Any]]
+
+
+def split_micro_batches(batch: dict[str, jax.Array], micro_batches: int) -> dict[str, jax.Array]:
+    """(B, ...) -> (M, B / M, ...), micro-batch m holding rows m, m + M, ..."""
+    def split(x: jax.Array) -> jax.Array:
+        rows = x.shape[0]
+        if rows % micro_batches:
+            raise ValueError(f"batch of {rows} does not split into {micro_batches} micro-batches")
+        return jnp.swapaxes(x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "cache") -> GradFn:
+    def embed(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, params)
+        return model(batch["image"], batch["text"], rngs=nnx.Rngs(dropout=key))
+
+    def batch_loss(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        image, text, scale = embed(params, batch, key)
+        return contrastive_loss(image, text, scale, batch["group"]), scale
+
+    def whole(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+        (loss, scale), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, batch, key)
+        return loss, scale, grads
+
+    def mean(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+        def accumulate(total: tuple[jax.Array, Any], chunk: tuple[dict, jax.Array]) -> tuple[tuple, jax.Array]:
+            (loss, scale), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, *chunk)
+            return (total[0] + loss, jax.tree.map(jnp.add, total[1], grads)), scale
+
+        chunks = (split_micro_batches(batch, micro_batches), jax.random.split(key, micro_batches))
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), scales = jax.lax.scan(accumulate, zero, chunks)
+        return loss / micro_batches, scales[-1], jax.tree.map(lambda g: g / micro_batches, grads)
+
+    def cache(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+        chunks = split_micro_batches(batch, micro_batches)
+        keys = jax.random.split(key, micro_batches)
+
+        def embed_pair(p: Any, chunk: dict, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+            image, text, _ = embed(p, chunk, k)
+            return image, text
+
+        images, texts = jax.lax.map(lambda c: embed_pair(params, *c), (chunks, keys))
+        flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+        scale, scale_vjp = jax.vjp(lambda p: nnx.merge(graphdef, p).scale(), params)
+        loss, (d_image, d_text, d_scale) = jax.value_and_grad(contrastive_loss, argnums=(0, 1, 2))(
+            flat(images), flat(texts), scale, chunks["group"].reshape(-1))
+
+        def backward(grads: Any, chunk: tuple) -> tuple[Any, None]:
+            inputs, k, g_image, g_text = chunk
+            _, vjp = jax.vjp(lambda p: embed_pair(p, inputs, k), params)
+            return jax.tree.map(jnp.add, grads, vjp((g_image, g_text))[0]), None
+
+        cotangents = (d_image.reshape(images.shape), d_text.reshape(texts.shape))
+        grads, _ = jax.lax.scan(backward, scale_vjp(d_scale)[0], (chunks, keys, *cotangents))
+        return loss, scale, grads
+
+    if micro_batches == 1:
+        return whole
+    return {"cache": cache, "mean": mean}[mode]
