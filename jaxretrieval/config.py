@@ -32,6 +32,7 @@ class ImageTowerConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+    remat: str = "none"  # none, full or dots (see models/layers.py REMAT_POLICIES)
 
 
 @dataclasses.dataclass
@@ -42,6 +43,7 @@ class TextTowerConfig:
     layers: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
+    remat: str = "none"
 
 
 @dataclasses.dataclass
@@ -56,6 +58,7 @@ class MultiwayConfig:
     ffn_dim: int = 3072
     max_text_positions: int = 1024  # rows of the text position table, the first 2 unused (fairseq offset)
     pad_id: int = 1  # XLM-R's <pad>; text positions holding it are masked out of attention
+    remat: str = "none"  # none, full or dots, as for the CLIP towers
 
 
 @dataclasses.dataclass
@@ -294,6 +297,9 @@ def validate(config: Config, source: str = "config") -> None:
     """Cross-field checks the types alone cannot express."""
     checks = [
         (config.model.family in ("clip", "beit3"), "model.family must be clip or beit3"),
+        *[(remat in ("none", "full", "dots"), f"model.{tower}.remat must be none, full or dots")
+          for tower, remat in (("image", config.model.image.remat), ("text", config.model.text.remat),
+                               ("multiway", config.model.multiway.remat))],
         (config.model.activation in ("quick_gelu", "gelu"), "model.activation must be quick_gelu or gelu"),
         (config.model.image.image_size % config.model.image.patch_size == 0,
          "model.image.image_size must be a multiple of model.image.patch_size"),

@@ -16,8 +16,8 @@ from jaxretrieval.gradients import make_grad_fn, split_micro_batches
 from jaxretrieval.models import abstract_model, init_params
 
 MODELS = {
-    "clip": ["model.name=tiny", "model.image.layers=1", "model.text.layers=1"],
-    "beit3": ["model.name=beit3_tiny", "model.multiway.layers=1"],
+    "clip": ["model.name=tiny", "model.image.layers=2", "model.text.layers=1"],
+    "beit3": ["model.name=beit3_tiny", "model.multiway.layers=2"],
 }
 
 

@@ -20,7 +20,7 @@ from einops import rearrange
 from flax import nnx
 
 from jaxretrieval.models.clip import l2_normalize
-from jaxretrieval.models.layers import dense, layer_norm
+from jaxretrieval.models.layers import dense, layer_norm, rematerialised
 
 # torchscale (like fairseq) numbers positions from 2, so rows 0 and 1 of both position tables are never read.
 POSITION_OFFSET = 2
@@ -106,7 +106,7 @@ class BEiT3(nnx.Module):
 
     def __init__(self, *, layers: int, width: int, heads: int, ffn_dim: int, image_size: int, patch_size: int,
                  vocab_size: int, max_text_positions: int, drop_path_rate: float = 0.0, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = jnp.float32, remat: str = "none"):
         self.patch_size = patch_size
         self.dtype = dtype
         patches = (image_size // patch_size) ** 2
@@ -124,6 +124,7 @@ class BEiT3(nnx.Module):
             EncoderLayer(width, heads, ffn_dim, float(rate), rngs=rngs, dtype=dtype) for rate in rates
         ])
         self.layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
+        self.remat = remat
 
     def embed_image(self, pixels: jax.Array, masked: jax.Array | None = None) -> jax.Array:
         """pixels (batch, height, width, 3) -> [cls, patches] + vision positions. masked: (batch, patches) bool."""
@@ -158,8 +159,9 @@ class BEiT3(nnx.Module):
         pad = jnp.concatenate(pads, axis=1)
         keep = None if tokens is None or padding_mask is None else ~pad
         x = jnp.where(pad[..., None], jnp.zeros((), x.dtype), x)
+        run = rematerialised(lambda layer, y, r: layer(y, split, keep, r), self.remat)
         for layer in self.layers:
-            x = layer(x, split, keep, rngs)
+            x = run(layer, x, rngs)
         return self.layer_norm(x, split)
 
 
@@ -173,7 +175,7 @@ class BEiT3Retrieval(nnx.Module):
                            ffn_dim=multiway.ffn_dim, image_size=config.image.image_size,
                            patch_size=config.image.patch_size, vocab_size=config.text.vocab_size,
                            max_text_positions=multiway.max_text_positions, drop_path_rate=config.drop_path,
-                           rngs=rngs, dtype=dtype)
+                           rngs=rngs, dtype=dtype, remat=multiway.remat)
         self.pad_id = multiway.pad_id
         width = multiway.width
         self.vision_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)

@@ -22,10 +22,10 @@ class CLIP(nnx.Module):
         image, text = config.image, config.text
         self.visual = VisionTransformer(image_size=image.image_size, patch_size=image.patch_size,
                                         width=image.width, layers=image.layers, heads=image.heads,
-                                        mlp_ratio=image.mlp_ratio, **shared)
+                                        mlp_ratio=image.mlp_ratio, remat=image.remat, **shared)
         self.text = TextTransformer(context_length=text.context_length, vocab_size=text.vocab_size,
                                     width=text.width, layers=text.layers, heads=text.heads,
-                                    mlp_ratio=text.mlp_ratio, **shared)
+                                    mlp_ratio=text.mlp_ratio, remat=text.remat, **shared)
         self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32))
         self.max_logit_scale = config.max_logit_scale
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -63,15 +65,30 @@ class Block(nnx.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# Rematerialisation per tower (config `remat`): none keeps every activation for the backward pass; full keeps
+# only each block's input and recomputes the rest; dots also keeps the matmul outputs.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def rematerialised(fn: Callable, remat: str) -> Callable:
+    """fn(module, *args) run under jax.checkpoint with the named policy (fn itself for "none")."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
+    return fn if remat == "none" else nnx.remat(fn, policy=REMAT_POLICIES[remat])
+
+
 class Transformer(nnx.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, *,
-                 causal: bool, rngs: nnx.Rngs, dtype):
+                 causal: bool, rngs: nnx.Rngs, dtype, remat: str = "none"):
         self.blocks = nnx.List([
             Block(width, heads, mlp_ratio, activation, causal=causal, layers=layers, rngs=rngs, dtype=dtype)
             for _ in range(layers)
         ])
+        self.remat = remat
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        run = rematerialised(lambda block, y: block(y), self.remat)
         for block in self.blocks:
-            x = block(x)
+            x = run(block, x)
         return x
