@@ -91,7 +91,9 @@ def setup_step(args: argparse.Namespace) -> list[list[str]]:
 
 
 def run_step(args: argparse.Namespace) -> list[list[str]]:
-    train = shlex.join(train_command(args.python, args.config, args.workdir, args.overrides))
+    # Every worker is one process of the job; jax finds the pod's coordinator and process ids itself.
+    overrides = ["distributed.initialize=always", *args.overrides]
+    train = shlex.join(train_command(args.python, args.config, args.workdir, overrides))
     log = shlex.quote(args.log_file)
     return [ssh_all(args, f"cd {shlex.quote(args.remote_dir)} && set -o pipefail && {train} 2>&1 | tee {log}")]
 

@@ -52,6 +52,7 @@ def test_tpu_all_dry_run_prints_every_command(capsys):
     scp = "gcloud compute tpus tpu-vm scp my-pod:jaxretrieval/train.log logs/my-pod/worker-{0}.log " \
           "--zone us-central2-b --worker={0}"
     train = ("python3 -m jaxretrieval.train --config configs/demo/clip_tiny.yaml --workdir gs://my-bucket/runs/demo "
+             "distributed.initialize=always "
              "train.steps=1000 'data.root=/data/my images' 'train.name=it'\"'\"'s \"x\"'")
     assert lines(capsys) == [
         "gcloud compute tpus tpu-vm create my-pod --zone us-central2-b --accelerator-type v4-32 "
@@ -104,7 +105,7 @@ def test_tpu_remote_command_passes_overrides_through_the_worker_shell(tmp_path, 
     argv = shlex.split(capsys.readouterr().out)
     subprocess.run(["bash", "-c", argv[argv.index("--command") + 1]], cwd=tmp_path, check=True, capture_output=True)
     logged = json.loads((tmp_path / "jaxretrieval" / "train.log").read_text())
-    assert logged == ["-m", "jaxretrieval.train", "--config", CONFIG, *TRICKY]
+    assert logged == ["-m", "jaxretrieval.train", "--config", CONFIG, "distributed.initialize=always", *TRICKY]
 
 
 def test_tpu_failing_step_stops_with_its_exit_code_and_the_delete_command(tmp_path, monkeypatch, capsys):
