@@ -124,7 +124,9 @@ def _preset_name(model: dict[str, Any]) -> str:
         if name == "custom":
             continue
         preset = dataclasses.asdict(from_dict({"model": {"name": name}}).model)
-        if all(preset[key] == model[key] for key in ("embed_dim", "image", "text")):
+        # Compare the sizes convert read; settings it does not write (such as remat) keep their defaults.
+        if all(preset[key] == model[key] if not isinstance(model[key], dict) else
+               all(preset[key].get(k) == v for k, v in model[key].items()) for key in ("embed_dim", "image", "text")):
             return name
     return "custom"
 

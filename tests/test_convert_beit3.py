@@ -142,7 +142,8 @@ def test_config_and_tokenizer_saved(release, converted, tokenizer):
     model = config.model
     assert (model.name, model.family) == ("custom", "beit3")
     assert dataclasses.asdict(model.multiway) == {"layers": layers, "width": width, "heads": width // 64,
-                                                  "ffn_dim": ffn_dim, "max_text_positions": positions, "pad_id": 1}
+                                                  "ffn_dim": ffn_dim, "max_text_positions": positions, "pad_id": 1,
+                                                  "remat": "none"}
     assert (model.image.image_size, model.image.patch_size) == (image, patch)
     assert model.text.vocab_size == release.state["beit3.text_embed.weight"].shape[0] >= tokenizer.vocab_size
     assert model.text.context_length == 64
