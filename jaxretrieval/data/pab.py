@@ -8,26 +8,15 @@ file stem, the order `gallery_images` returns and the ensemble relies on (the or
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from jaxretrieval.data.sources import DataError
+from jaxretrieval.data.sources import DataError, parse_json_object
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def _query_line(text: str, where: str) -> tuple[str, str]:
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(item, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    for key, types in (("query_index", (int, str)), ("caption", (str,))):
-        if key not in item:
-            raise DataError(f"{where}: missing key '{key}'")
-        if not isinstance(item[key], types) or isinstance(item[key], bool):
-            raise DataError(f"{where}: key '{key}' has the wrong type ({type(item[key]).__name__})")
+    item = parse_json_object(text, where, {"query_index": (int, str), "caption": (str,)})
     return str(item["query_index"]), item["caption"]
 
 

@@ -59,8 +59,24 @@ def _check_type(item: dict, key: str, types: tuple[type, ...], where: str) -> No
         raise DataError(f"{where}: key '{key}' has the wrong type ({type(value).__name__})")
 
 
+def parse_json_object(text: str, where: str, required: dict[str, tuple[type, ...]]) -> dict:
+    """One JSON-lines record: a JSON object holding every `required` key with a value of its types (bool is
+    not an int here); errors name `where` (file:line) and the key."""
+    try:
+        item = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    for key in required:
+        if key not in item:
+            raise DataError(f"{where}: missing key '{key}'")
+    for key, types in required.items():
+        _check_type(item, key, types, where)
+    return item
+
+
 def _captions(item: dict, where: str) -> list[str]:
-    _check_type(item, "caption", (str, list), where)
     captions = item["caption"]
     if isinstance(captions, str):
         return [captions]
@@ -73,16 +89,7 @@ def _captions(item: dict, where: str) -> list[str]:
 
 
 def _parse_json_line(text: str, where: str) -> dict:
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(item, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    for key in ("image", "caption"):
-        if key not in item:
-            raise DataError(f"{where}: missing key '{key}'")
-    _check_type(item, "image", (str,), where)
+    item = parse_json_object(text, where, {"image": (str,), "caption": (str, list)})
     if "image_id" in item:  # optional: captions of one image path form its group
         _check_type(item, "image_id", (str, int), where)
     for key, types in _OPTIONAL_KEYS.items():
