@@ -19,7 +19,7 @@ import ftfy
 import numpy as np
 import regex
 
-from jaxretrieval.data.token_rows import pack_rows
+from jaxretrieval.data.token_rows import check_spec, pack_rows
 
 _MERGE_LINES = 49152 - 256 - 2  # how many merges CLIP reads, starting after the header line
 _END_OF_WORD = "</w>"
@@ -125,9 +125,7 @@ class ClipTokenizer:
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> ClipTokenizer:
-        missing = sorted({"merges", "context_length"} - spec.keys())
-        if missing:
-            raise ValueError(f"{cls.kind!r} tokenizer spec lacks {', '.join(missing)}")
+        check_spec(cls.kind, spec, ("merges", "context_length"))
         return cls(list(spec["merges"]), int(spec["context_length"]))
 
     def to_spec(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import sentencepiece
 
-from jaxretrieval.data.token_rows import pack_rows
+from jaxretrieval.data.token_rows import check_spec, pack_rows
 
 _FAIRSEQ = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 _MASK = "<mask>"
@@ -74,9 +74,7 @@ class SentencePieceTokenizer:
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> SentencePieceTokenizer:
-        missing = sorted({"model", "context_length"} - spec.keys())
-        if missing:
-            raise ValueError(f"{cls.kind!r} tokenizer spec lacks {', '.join(missing)}")
+        check_spec(cls.kind, spec, ("model", "context_length"))
         try:
             model = base64.b64decode(spec["model"], validate=True)
         except (binascii.Error, TypeError) as err:

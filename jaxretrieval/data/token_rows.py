@@ -1,8 +1,9 @@
-"""The fixed-width row layout every tokenizer emits: [sot] ids [eot], then padding."""
+"""What every tokenizer shares: the fixed-width row layout ([sot] ids [eot], then padding) and the spec check."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,3 +17,10 @@ def pack_rows(id_rows: Iterable[Sequence[int]], sot: int, eot: int, context_leng
         ids = list(ids[:keep])
         tokens[row, : len(ids) + 2] = [sot, *ids, eot]
     return tokens
+
+
+def check_spec(kind: str, spec: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """A saved tokenizer spec must hold `keys`; the error names the tokenizer kind and what is missing."""
+    missing = sorted(set(keys) - spec.keys())
+    if missing:
+        raise ValueError(f"{kind!r} tokenizer spec lacks {', '.join(missing)}")

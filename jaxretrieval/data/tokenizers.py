@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.data.spm import SentencePieceTokenizer
-from jaxretrieval.data.token_rows import pack_rows
+from jaxretrieval.data.token_rows import check_spec, pack_rows
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -99,9 +99,7 @@ class WordTokenizer:
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> WordTokenizer:
-        missing = sorted({"vocab", "context_length"} - spec.keys())
-        if missing:
-            raise ValueError(f"{cls.kind!r} tokenizer spec lacks {', '.join(missing)}")
+        check_spec(cls.kind, spec, ("vocab", "context_length"))
         return cls(list(spec["vocab"]), int(spec["context_length"]))
 
     @property
