@@ -136,17 +136,29 @@ def compute(args: argparse.Namespace) -> dict[str, bytes]:
     matrices = {m.name: m for m in align([load_scores(path, name) for name, path in paths.items()])}
     if args.rerank:
         matrices[args.rerank] = rerank_topk(matrices[primary], matrices[args.rerank], args.rerank_k)
-    fused = fuse_linear(list(matrices.values()), weights)
-    files = {"submission.txt": format_submission(fused, args.top_k).encode()}
+    return ranking_outputs(fuse_linear(list(matrices.values()), weights), "fused.npz", args.top_k, args.labels)
+
+
+def ranking_outputs(matrix: ScoreMatrix, scores_name: str, top_k: int, labels: str | None) -> dict[str, bytes]:
+    """The bytes of submission.txt (top-k gallery ids per query), the matrix with its ids as `scores_name`
+    (.npz) and, given a labels file, metrics.json (R1 R5 R10 mAP mINP)."""
+    files = {"submission.txt": format_submission(matrix, top_k).encode()}
     buffer = io.BytesIO()
-    save_scores(fused, buffer)
-    files["fused.npz"] = buffer.getvalue()
-    if args.labels:
+    save_scores(matrix, buffer)
+    files[scores_name] = buffer.getvalue()
+    if labels:
         from jaxretrieval.retrieval.metrics import ranking_metrics
 
-        metrics = ranking_metrics(fused.scores, relevance(args.labels, fused))
+        metrics = ranking_metrics(matrix.scores, relevance(labels, matrix))
         files["metrics.json"] = (json.dumps({k: float(v) for k, v in metrics.items()}, indent=2) + "\n").encode()
     return files
+
+
+def report_written(files: dict[str, bytes], out_dir: str | Path) -> None:
+    """The metrics (when computed) on stdout, the files written on stderr."""
+    if "metrics.json" in files:
+        print(files["metrics.json"].decode(), end="")
+    print(f"wrote {', '.join(files)} to {out_dir}", file=sys.stderr)
 
 
 def write_outputs(out_dir: Path, files: dict[str, bytes], known: tuple[str, ...] = OUTPUTS) -> None:
@@ -195,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "metrics.json" in files:
-        print(files["metrics.json"].decode(), end="")
-    print(f"wrote {', '.join(files)} to {args.output_dir}", file=sys.stderr)
+    report_written(files, args.output_dir)
     return 0
 
 

@@ -9,8 +9,6 @@ cosine matrix with its query ids and sorted gallery stems (what `python -m jaxre
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import sys
 from pathlib import Path
 
@@ -20,10 +18,9 @@ from jaxretrieval.data.pab import gallery_images, read_queries
 from jaxretrieval.data.pipeline import GalleryImages, make_preprocess
 from jaxretrieval.data.sources import DataError
 from jaxretrieval.data.tokenizers import build_tokenizer
-from jaxretrieval.evaluate import RECALL_AT, embed_inputs, restore_params, saved_config
-from jaxretrieval.fuse import relevance, write_outputs
-from jaxretrieval.retrieval.fusion import ScoreMatrix, format_submission, save_scores
-from jaxretrieval.retrieval.metrics import ranking_metrics
+from jaxretrieval.evaluate import embed_inputs, restore_params, saved_config
+from jaxretrieval.fuse import ranking_outputs, report_written, write_outputs
+from jaxretrieval.retrieval.fusion import ScoreMatrix
 from jaxretrieval.sharding import make_mesh
 
 OUTPUTS = ("submission.txt", "scores.npz", "metrics.json")
@@ -41,13 +38,7 @@ def predict(checkpoint_path: str | Path, queries: str | Path, gallery: str | Pat
     images = GalleryImages(paths, make_preprocess(config), threads=workers)
     image_emb, text_emb = embed_inputs(graphdef, params, images, tokens, mesh, batch_size)
     matrix = ScoreMatrix(text_emb @ image_emb.T, query_ids, stems, name=Path(checkpoint_path).name)
-    buffer = io.BytesIO()
-    save_scores(matrix, buffer)
-    files = {"submission.txt": format_submission(matrix, top_k).encode(), "scores.npz": buffer.getvalue()}
-    if labels:
-        metrics = ranking_metrics(matrix.scores, relevance(labels, matrix), RECALL_AT)
-        files["metrics.json"] = (json.dumps(metrics, indent=2) + "\n").encode()
-    return files
+    return ranking_outputs(matrix, "scores.npz", top_k, labels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "metrics.json" in files:
-        print(files["metrics.json"].decode(), end="")
-    print(f"wrote {', '.join(files)} to {args.output_dir}", file=sys.stderr)
+    report_written(files, args.output_dir)
     return 0
 
 
