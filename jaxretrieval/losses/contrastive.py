@@ -23,6 +23,18 @@ def soft_cross_entropy(logits: jax.Array, positives: jax.Array) -> jax.Array:
     return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
 
 
+def pair_logits(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array,
+                image_ids: jax.Array | None = None, text_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(scaled image x text logits in float32, positive mask). Ids default to each pair its own group, and
+    text_ids to image_ids (one id per pair)."""
+    if image_ids is None:
+        image_ids = jnp.arange(image_embeddings.shape[0])
+    if text_ids is None:
+        text_ids = image_ids
+    logits = logit_scale * (image_embeddings.astype(jnp.float32) @ text_embeddings.astype(jnp.float32).T)
+    return logits, positive_mask(image_ids, text_ids)
+
+
 def contrastive_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array,
                      image_ids: jax.Array | None = None, text_ids: jax.Array | None = None) -> jax.Array:
     """Mean of the image-to-text and text-to-image InfoNCE losses.
@@ -31,13 +43,7 @@ def contrastive_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, lo
     logit_scale: the multiplier exp(t). image_ids / text_ids: (batch,) group ids; when None each pair is
     its own group. text_ids defaults to image_ids (one id per pair).
     """
-    batch = image_embeddings.shape[0]
-    if image_ids is None:
-        image_ids = jnp.arange(batch)
-    if text_ids is None:
-        text_ids = image_ids
-    logits = logit_scale * (image_embeddings.astype(jnp.float32) @ text_embeddings.astype(jnp.float32).T)
-    positives = positive_mask(image_ids, text_ids)
+    logits, positives = pair_logits(image_embeddings, text_embeddings, logit_scale, image_ids, text_ids)
     image_to_text = soft_cross_entropy(logits, positives).mean()
     text_to_image = soft_cross_entropy(logits.T, positives.T).mean()
     return 0.5 * (image_to_text + text_to_image)

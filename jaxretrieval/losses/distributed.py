@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxretrieval.losses.contrastive import positive_mask, soft_cross_entropy
+from jaxretrieval.losses.contrastive import pair_logits, positive_mask, soft_cross_entropy
 from jaxretrieval.sharding import BATCH_AXES
 
 AxisName = str | tuple[str, ...]
@@ -43,13 +43,8 @@ def sigmoid_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_
     z is +1 where the ids match and -1 elsewhere (normalised by the batch size, as big_vision does).
     Ids default as in `contrastive_loss`: each pair its own group, text_ids = image_ids.
     """
-    batch = image_embeddings.shape[0]
-    if image_ids is None:
-        image_ids = jnp.arange(batch)
-    if text_ids is None:
-        text_ids = image_ids
-    logits = logit_scale * (image_embeddings.astype(jnp.float32) @ text_embeddings.astype(jnp.float32).T)
-    return _sigmoid_terms(logits + logit_bias, positive_mask(image_ids, text_ids)).sum() / batch
+    logits, positives = pair_logits(image_embeddings, text_embeddings, logit_scale, image_ids, text_ids)
+    return _sigmoid_terms(logits + logit_bias, positives).sum() / image_embeddings.shape[0]
 
 
 def _sigmoid_terms(logits: jax.Array, positives: jax.Array) -> jax.Array:
