@@ -63,10 +63,10 @@ def torch_config(**overrides) -> EncoderConfig:
                          no_output_layer=True)
 
 
-def randomised_reference() -> TorchRetrieval:
+def randomised(config: EncoderConfig, seed: int = 0) -> TorchRetrieval:
     """Every tensor random, LayerNorm gains and biases included, so no mapping error can hide."""
-    torch.manual_seed(0)
-    reference = TorchRetrieval(torch_config(drop_path_rate=0.2)).eval()
+    torch.manual_seed(seed)
+    reference = TorchRetrieval(config).eval()
     with torch.no_grad():
         for p in reference.parameters():
             p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.ndim >= 2 else 0.3))
@@ -79,7 +79,7 @@ def randomised_reference() -> TorchRetrieval:
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[TorchRetrieval, BEiT3Retrieval]:
-    reference = randomised_reference()
+    reference = randomised(torch_config(drop_path_rate=0.2))
     model = create_model(CONFIG)
     assert isinstance(model, BEiT3Retrieval)
     graphdef, state = nnx.split(model)

@@ -21,7 +21,7 @@ with warnings.catch_warnings():
     pytest.importorskip("torchscale")
     from torchscale.architecture.config import EncoderConfig
 
-from test_beit3 import TorchRetrieval  # noqa: E402
+from test_beit3 import TorchRetrieval, randomised, torch_config  # noqa: E402
 
 import jaxretrieval  # noqa: E402
 from convert.__main__ import main  # noqa: E402
@@ -65,25 +65,10 @@ def tokenizer(spm_path) -> SentencePieceTokenizer:
 
 
 def encoder_config(layers, width, ffn_dim, patch, image, positions, vocab) -> EncoderConfig:
-    # unilm's _get_base_config flags, at test sizes; unilm's head width is 64.
-    return EncoderConfig(encoder_layers=layers, encoder_embed_dim=width, encoder_attention_heads=width // 64,
-                         encoder_ffn_embed_dim=ffn_dim, img_size=image, patch_size=patch, vocab_size=vocab,
-                         max_source_positions=positions, multiway=True, layernorm_embedding=False,
-                         normalize_output=True, no_output_layer=True)
-
-
-def randomised(config: EncoderConfig, seed: int) -> TorchRetrieval:
-    """Every tensor random, LayerNorm gains and biases included, so no mapping error can hide."""
-    torch.manual_seed(seed)
-    reference = TorchRetrieval(config).eval()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.ndim >= 2 else 0.3))
-        for module in reference.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.add_(1.0)
-        reference.logit_scale.fill_(2.3)
-    return reference
+    # unilm's head width is 64.
+    return torch_config(encoder_layers=layers, encoder_embed_dim=width, encoder_attention_heads=width // 64,
+                        encoder_ffn_embed_dim=ffn_dim, img_size=image, patch_size=patch, vocab_size=vocab,
+                        max_source_positions=positions)
 
 
 @pytest.fixture(scope="module", params=list(SIZES))
