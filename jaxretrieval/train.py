@@ -110,10 +110,10 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     """Trains to `config.train.steps`, resuming from DIR if it holds a checkpoint; returns the last eval."""
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    cfg = config.train
     workdir.mkdir(parents=True, exist_ok=True)
 
-    init_meta = checkpoint.read_meta_at(cfg.init_from) if cfg.init_from else {}
+    init_from = config.train.init_from
+    init_meta = checkpoint.read_meta_at(init_from) if init_from else {}
     root = data_root(config)
     tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
     train_source = caption_source(config, root, "train")
