@@ -67,8 +67,11 @@ class ModelConfig:
     family: str = "clip"  # clip: two towers (model.image, model.text); beit3: one multiway encoder
     embed_dim: int = 512
     activation: str = "quick_gelu"  # quick_gelu (OpenAI CLIP) or gelu
-    init_logit_scale: float = 2.6592  # log(1 / 0.07)
+    init_logit_scale: float = 2.659260036932778  # log(1 / 0.07)
     max_logit_scale: float = 4.6052  # log(100), the clamp CLIP applies
+    # Set (SigLIP: init_logit_scale 2.3026 = log 10, init_logit_bias -10) for train.loss=sigmoid: a learnable logit
+    # bias; null: none (InfoNCE).
+    init_logit_bias: float | None = None
     image: ImageTowerConfig = dataclasses.field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = dataclasses.field(default_factory=TextTowerConfig)
     multiway: MultiwayConfig = dataclasses.field(default_factory=MultiwayConfig)
@@ -120,6 +123,11 @@ class TrainConfig:
     # --update_freq).
     micro_batches: int = 1
     accumulation: str = "cache"
+    # contrastive: symmetric InfoNCE; sigmoid: SigLIP's pairwise loss (needs model.init_logit_bias). Variant: local
+    # (the full-batch formula on global arrays; XLA partitions it), gathered (each device its rows against the
+    # all-gathered columns) or ring (column blocks passed around the devices; no device holds the N x N logits).
+    loss: str = "contrastive"
+    loss_variant: str = "local"
     precision: str = "fp32"  # fp32, or bf16: bf16 compute with fp32 parameters and optimizer state
     seed: int = 0
     init_from: str = ""  # a model checkpoint (converted or trained) to start from when DIR has none
@@ -163,9 +171,11 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    # (regex over "/"-joined parameter paths, partition spec as a list of mesh axis names or null). The
-    # first match wins; parameters that match nothing are replicated.
-    sharding: list[list[Any]] = dataclasses.field(default_factory=list)
+    # Partition rules for parameters and optimizer state: a list of [regex over "/"-joined parameter paths,
+    # spec], the spec a list of mesh axis names or null per dimension, or "fsdp" (the largest dimension that
+    # divides by mesh.fsdp). The first match wins; parameters that match nothing are replicated. Or the name of
+    # a rule set (jaxretrieval.sharding.RULE_SETS): replicated, fsdp, fsdp_tensor.
+    sharding: list[list[Any]] | str = dataclasses.field(default_factory=list)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
@@ -319,6 +329,11 @@ def validate(config: Config, source: str = "config") -> None:
         (config.train.micro_batches >= 1 and config.train.batch_size % config.train.micro_batches == 0,
          "train.micro_batches must be >= 1 and divide train.batch_size"),
         (config.train.accumulation in ("cache", "mean"), "train.accumulation must be cache or mean"),
+        (config.train.loss in ("contrastive", "sigmoid"), "train.loss must be contrastive or sigmoid"),
+        (config.train.loss_variant in ("local", "gathered", "ring"),
+         "train.loss_variant must be local, gathered or ring"),
+        ((config.train.loss == "sigmoid") == (config.model.init_logit_bias is not None),
+         "train.loss=sigmoid needs model.init_logit_bias (SigLIP: -10), and only it has a logit bias"),
         (0 < config.train.layer_decay <= 1, "train.layer_decay must be in (0, 1]"),
         (0 <= config.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
     ]
@@ -339,9 +354,14 @@ def validate(config: Config, source: str = "config") -> None:
             re.compile(pattern)
         except re.error as e:
             checks.append((False, f"train.no_decay: {pattern!r} is not a valid regex ({e})"))
-    for rule in config.sharding:
-        ok = isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)
-        checks.append((ok, f"sharding rule {rule!r} must be [regex, [axis or null, ...]]"))
+    if isinstance(config.sharding, str):
+        checks.append((config.sharding in ("replicated", "fsdp", "fsdp_tensor"),
+                       f"sharding: unknown rule set {config.sharding!r} (replicated, fsdp, fsdp_tensor, or a list "
+                       f"of [regex, spec] rules)"))
+    for rule in [] if isinstance(config.sharding, str) else config.sharding:
+        ok = isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str) and \
+            (rule[1] is None or rule[1] == "fsdp" or isinstance(rule[1], list))
+        checks.append((ok, f"sharding rule {rule!r} must be [regex, [axis or null, ...] or fsdp]"))
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")

@@ -26,22 +26,28 @@ from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, image_text_recall
 from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
 from jaxretrieval.retrieval.similarity import topk_similarity
-from jaxretrieval.sharding import initialize_distributed, make_mesh, tree_shardings
+from jaxretrieval.sharding import initialize_distributed, make_mesh, tree_shardings, under_mesh
 
 RECALL_AT = (1, 5, 10)
 
 
-def encoders(graphdef: nnx.GraphDef):
-    """Jitted (params, pixels) -> image embeddings and (params, tokens) -> text embeddings, normalised."""
-    image = jax.jit(lambda params, x: nnx.merge(graphdef, params).encode_image(x, normalize=True))
-    text = jax.jit(lambda params, t: nnx.merge(graphdef, params).encode_text(t, normalize=True))
-    return image, text
+def encoders(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
+    """Jitted (params, pixels) -> image embeddings and (params, tokens) -> text embeddings, normalised; traced
+    under `mesh` (when given) so the towers' activation constraints apply."""
+    def image(params: dict, x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params).encode_image(x, normalize=True)
+
+    def text(params: dict, t: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params).encode_text(t, normalize=True)
+
+    wrap = (lambda fn: jax.jit(under_mesh(fn, mesh))) if mesh is not None else jax.jit
+    return wrap(image), wrap(text)
 
 
 def embed_inputs(graphdef: nnx.GraphDef, params: dict, images, tokens: np.ndarray, mesh: Mesh,
                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(image embeddings, caption embeddings), L2-normalised. images: any sliceable of preprocessed pixels."""
-    encode_image, encode_text = encoders(graphdef)
+    encode_image, encode_text = encoders(graphdef, mesh)
     image_emb = embed_all(lambda x: encode_image(params, x), images, batch_size, mesh)
     text_emb = embed_all(lambda t: encode_text(params, t), tokens, batch_size, mesh)
     return image_emb, text_emb

@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxretrieval.losses import contrastive_loss
+from jaxretrieval.losses import training_loss
+from jaxretrieval.losses.distributed import LossFn
 
-# (params, batch, key) -> (loss, logit scale, grads)
-GradFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, jax.Array, Any]]
+# (params, batch, key) -> (loss, the model's loss scalars, grads)
+GradFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, tuple[jax.Array, ...], Any]]
 
 
 def split_micro_batches(batch: dict[str, jax.Array], micro_batches: int) -> dict[str, jax.Array]:
@@ -37,30 +38,36 @@ def split_micro_batches(batch: dict[str, jax.Array], micro_batches: int) -> dict
     return jax.tree.map(split, batch)
 
 
-def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "cache") -> GradFn:
-    def embed(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "cache",
+                 loss_fn: LossFn | None = None) -> GradFn:
+    """loss_fn(image, text, scalars, ids) (see `training_loss`; default the local InfoNCE) over the batch."""
+    loss_fn = loss_fn or training_loss()
+
+    def embed(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, tuple]:
         model = nnx.merge(graphdef, params)
-        return model(batch["image"], batch["text"], rngs=nnx.Rngs(dropout=key))
+        image, text, _ = model(batch["image"], batch["text"], rngs=nnx.Rngs(dropout=key))
+        return image, text, model.loss_scalars()
 
-    def batch_loss(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        image, text, scale = embed(params, batch, key)
-        return contrastive_loss(image, text, scale, batch["group"]), scale
+    def batch_loss(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple]:
+        image, text, scalars = embed(params, batch, key)
+        return loss_fn(image, text, scalars, batch["group"]), scalars
 
-    def whole(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
-        (loss, scale), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, batch, key)
-        return loss, scale, grads
+    def whole(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple, Any]:
+        (loss, scalars), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, batch, key)
+        return loss, scalars, grads
 
-    def mean(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
-        def accumulate(total: tuple[jax.Array, Any], chunk: tuple[dict, jax.Array]) -> tuple[tuple, jax.Array]:
-            (loss, scale), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, *chunk)
-            return (total[0] + loss, jax.tree.map(jnp.add, total[1], grads)), scale
+    def mean(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple, Any]:
+        def accumulate(total: tuple[jax.Array, Any], chunk: tuple[dict, jax.Array]) -> tuple[tuple, tuple]:
+            (loss, scalars), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, *chunk)
+            return (total[0] + loss, jax.tree.map(jnp.add, total[1], grads)), scalars
 
         chunks = (split_micro_batches(batch, micro_batches), jax.random.split(key, micro_batches))
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), scales = jax.lax.scan(accumulate, zero, chunks)
-        return loss / micro_batches, scales[-1], jax.tree.map(lambda g: g / micro_batches, grads)
+        (loss, grads), scalars = jax.lax.scan(accumulate, zero, chunks)
+        last = tuple(s[-1] for s in scalars)
+        return loss / micro_batches, last, jax.tree.map(lambda g: g / micro_batches, grads)
 
-    def cache(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+    def cache(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple, Any]:
         chunks = split_micro_batches(batch, micro_batches)
         keys = jax.random.split(key, micro_batches)
 
@@ -70,9 +77,9 @@ def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "ca
 
         images, texts = jax.lax.map(lambda c: embed_pair(params, *c), (chunks, keys))
         flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-        scale, scale_vjp = jax.vjp(lambda p: nnx.merge(graphdef, p).scale(), params)
-        loss, (d_image, d_text, d_scale) = jax.value_and_grad(contrastive_loss, argnums=(0, 1, 2))(
-            flat(images), flat(texts), scale, chunks["group"].reshape(-1))
+        scalars, scalars_vjp = jax.vjp(lambda p: nnx.merge(graphdef, p).loss_scalars(), params)
+        loss, (d_image, d_text, d_scalars) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(
+            flat(images), flat(texts), scalars, chunks["group"].reshape(-1))
 
         def backward(grads: Any, chunk: tuple) -> tuple[Any, None]:
             inputs, k, g_image, g_text = chunk
@@ -80,8 +87,8 @@ def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "ca
             return jax.tree.map(jnp.add, grads, vjp((g_image, g_text))[0]), None
 
         cotangents = (d_image.reshape(images.shape), d_text.reshape(texts.shape))
-        grads, _ = jax.lax.scan(backward, scale_vjp(d_scale)[0], (chunks, keys, *cotangents))
-        return loss, scale, grads
+        grads, _ = jax.lax.scan(backward, scalars_vjp(d_scalars)[0], (chunks, keys, *cotangents))
+        return loss, scalars, grads
 
     if micro_batches == 1:
         return whole

@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxretrieval.config import DistributedConfig, MeshConfig
+if TYPE_CHECKING:
+    from jaxretrieval.config import DistributedConfig, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+# Logical activation axes -> mesh axes, for `constrain`.
+ACTIVATION_AXES: dict[str, Any] = {"batch": BATCH_AXES, "heads": "tensor", "mlp": "tensor"}
+
+# Named partition rule sets: `sharding: fsdp` in a config stands for the list. A spec "fsdp" shards a parameter's
+# largest dimension that divides by the fsdp axis (replicated if none does), big_vision's FSDP strategy. Tensor
+# parallelism splits the MLP and BEiT-3's separate q/k/v projections by output column (whole heads) and the
+# output projections by input row (Megatron's split); CLIP's fused qkv is left to FSDP, whose column blocks
+# would straddle q, k and v.
+_TENSOR_COLUMNS = r"(mlp/fc|fc1|(q|k|v)_proj/[AB])/"
+_TENSOR_ROWS = r"(mlp/proj|fc2|attn/out|out_proj/[AB])/kernel$"
+RULE_SETS: dict[str, list[list[Any]]] = {
+    "replicated": [],
+    "fsdp": [[".*", "fsdp"]],
+    "fsdp_tensor": [[_TENSOR_COLUMNS + "kernel$", ["fsdp", "tensor"]], [_TENSOR_COLUMNS + "bias$", ["tensor"]],
+                    [_TENSOR_ROWS, ["tensor", "fsdp"]], [".*", "fsdp"]],
+}
 
 
 def initialize_distributed(config: DistributedConfig) -> bool:
@@ -62,20 +80,62 @@ def path_name(path: tuple) -> str:
     return "/".join(parts)
 
 
-def spec_for(name: str, ndim: int, rules: list[list[Any]]) -> PartitionSpec:
+def partition_rules(sharding: str | list[list[Any]]) -> list[list[Any]]:
+    """The (regex, spec) list a config's `sharding` names or gives."""
+    if isinstance(sharding, str):
+        if sharding not in RULE_SETS:
+            raise ValueError(f"unknown sharding rule set {sharding!r}; choose from {', '.join(RULE_SETS)} or give "
+                             f"a list of [regex, spec] rules")
+        return RULE_SETS[sharding]
+    return sharding
+
+
+def fsdp_spec(shape: tuple[int, ...], axis_size: int, axis: str = "fsdp") -> PartitionSpec:
+    """`axis` on the largest dimension that divides by its size; replicated when none does (or size 1)."""
+    if axis_size > 1:
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % axis_size == 0:
+                return PartitionSpec(*[axis if d == dim else None for d in range(len(shape))])
+    return PartitionSpec()
+
+
+def spec_for(name: str, shape: tuple[int, ...], rules: list[list[Any]],
+             mesh_shape: dict[str, int] | None = None) -> PartitionSpec:
     for pattern, spec in rules:
         if re.search(pattern, name):
+            if spec == "fsdp":
+                return fsdp_spec(shape, (mesh_shape or {}).get("fsdp", 1))
             spec = tuple(spec or ())
-            if len(spec) > ndim:
-                raise ValueError(f"sharding rule '{pattern}' gives {len(spec)} axes to {name} of rank {ndim}")
+            if len(spec) > len(shape):
+                raise ValueError(f"sharding rule '{pattern}' gives {len(spec)} axes to {name} of rank {len(shape)}")
             return PartitionSpec(*spec)
     return PartitionSpec()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: list[list[Any]]) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, sharding: str | list[list[Any]]) -> Any:
     """A NamedSharding per leaf from the first (regex, spec) rule that matches its path."""
+    rules = partition_rules(sharding)
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, spec_for(path_name(path), np.ndim(leaf), rules)), tree)
+        lambda path, leaf: NamedSharding(mesh, spec_for(path_name(path), np.shape(leaf), rules, dict(mesh.shape))),
+        tree)
+
+
+def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
+    """Pins an activation's sharding by logical axis names (ACTIVATION_AXES) when traced under a mesh (see
+    `under_mesh`); a no-op elsewhere, so models run unchanged outside the sharded train and eval steps."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*(ACTIVATION_AXES.get(n) if n else None
+                                                               for n in logical)))
+
+
+def under_mesh(fn: Any, mesh: Mesh) -> Any:
+    """fn traced with `mesh` as the ambient mesh, which turns on the models' activation constraints."""
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -19,7 +19,16 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxretrieval.config import MeshConfig
-from jaxretrieval.sharding import MESH_AXES, make_mesh, path_name, spec_for, tree_shardings
+from jaxretrieval.sharding import (
+    MESH_AXES,
+    RULE_SETS,
+    fsdp_spec,
+    make_mesh,
+    partition_rules,
+    path_name,
+    spec_for,
+    tree_shardings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,29 +68,59 @@ def test_make_mesh_uses_the_given_devices() -> None:
 
 
 def test_spec_for_first_match_wins() -> None:
-    assert spec_for("visual/transformer/blocks/0/attn/qkv/kernel", 2, RULES) == PartitionSpec(None, "tensor")
-    assert spec_for("visual/transformer/blocks/0/mlp/fc/kernel", 2, RULES) == PartitionSpec("fsdp", None)
+    assert spec_for("visual/transformer/blocks/0/attn/qkv/kernel", (4, 8), RULES) == PartitionSpec(None, "tensor")
+    assert spec_for("visual/transformer/blocks/0/mlp/fc/kernel", (4, 8), RULES) == PartitionSpec("fsdp", None)
     # Swapping the rule order changes the answer for the qkv kernel: order matters, not specificity.
     swapped = [RULES[1], RULES[0]]
-    assert spec_for("visual/transformer/blocks/0/attn/qkv/kernel", 2, swapped) == PartitionSpec("fsdp", None)
+    assert spec_for("visual/transformer/blocks/0/attn/qkv/kernel", (4, 8), swapped) == PartitionSpec("fsdp", None)
 
 
 def test_spec_for_search_semantics_null_and_no_match() -> None:
-    assert spec_for("text/token_embedding/embedding", 2, RULES) == PartitionSpec("tensor")
-    assert spec_for("text/ln_final/bias", 1, RULES) == PartitionSpec()  # null spec
-    assert spec_for("logit_scale", 0, RULES) == PartitionSpec()  # nothing matches: replicated
-    assert spec_for("a/b", 2, []) == PartitionSpec()
+    assert spec_for("text/token_embedding/embedding", (4, 8), RULES) == PartitionSpec("tensor")
+    assert spec_for("text/ln_final/bias", (4,), RULES) == PartitionSpec()  # null spec
+    assert spec_for("logit_scale", (), RULES) == PartitionSpec()  # nothing matches: replicated
+    assert spec_for("a/b", (4, 8), []) == PartitionSpec()
     # re.search, anchors honoured
-    assert spec_for("x/proj", 2, [["^proj$", ["fsdp"]], ["proj$", ["tensor"]]]) == PartitionSpec("tensor")
+    assert spec_for("x/proj", (4, 8), [["^proj$", ["fsdp"]], ["proj$", ["tensor"]]]) == PartitionSpec("tensor")
 
 
 def test_spec_for_rank_error_is_clear() -> None:
     with pytest.raises(ValueError) as info:
-        spec_for("visual/class_embedding", 1, [["class_embedding", ["fsdp", "tensor"]]])
+        spec_for("visual/class_embedding", (4,), [["class_embedding", ["fsdp", "tensor"]]])
     message = str(info.value)
     assert "visual/class_embedding" in message and "rank 1" in message and "class_embedding" in message
     with pytest.raises(ValueError, match="rank 0"):
-        spec_for("logit_scale", 0, [[".*", ["data"]]])
+        spec_for("logit_scale", (), [[".*", ["data"]]])
+
+
+def test_fsdp_spec_takes_the_largest_dimension_that_divides() -> None:
+    assert fsdp_spec((512, 2048), 4) == PartitionSpec(None, "fsdp")
+    assert fsdp_spec((2048, 512), 4) == PartitionSpec("fsdp", None)
+    assert fsdp_spec((6, 1024), 4) == PartitionSpec(None, "fsdp")
+    assert fsdp_spec((1026, 512), 4) == PartitionSpec(None, "fsdp")  # 1026 does not divide by 4: next largest
+    assert fsdp_spec((3, 5), 4) == PartitionSpec()  # nothing divides: replicated
+    assert fsdp_spec((), 4) == PartitionSpec()
+    assert fsdp_spec((512, 2048), 1) == PartitionSpec()  # no fsdp axis to use
+
+
+def test_named_rule_sets() -> None:
+    assert partition_rules("fsdp") == [[".*", "fsdp"]]
+    assert partition_rules([["a", ["data"]]]) == [["a", ["data"]]]
+    with pytest.raises(ValueError, match="unknown sharding rule set 'fdsp'.*fsdp_tensor"):
+        partition_rules("fdsp")
+    rules, mesh = RULE_SETS["fsdp_tensor"], {"fsdp": 2, "tensor": 2}
+    # Megatron's split: first MLP layer and BEiT-3's q/k/v by column (heads), output projections by row.
+    for name in ("visual/transformer/blocks/0/mlp/fc/kernel", "beit3/layers/0/ffn/A/fc1/kernel",
+                 "beit3/layers/0/self_attn/k_proj/B/kernel"):
+        assert spec_for(name, (64, 256), rules, mesh) == PartitionSpec("fsdp", "tensor"), name
+    assert spec_for("beit3/layers/0/ffn/B/fc1/bias", (256,), rules, mesh) == PartitionSpec("tensor")
+    for name in ("text/transformer/blocks/1/mlp/proj/kernel", "visual/transformer/blocks/0/attn/out/kernel",
+                 "beit3/layers/3/self_attn/out_proj/A/kernel", "beit3/layers/0/ffn/A/fc2/kernel"):
+        assert spec_for(name, (256, 64), rules, mesh) == PartitionSpec("tensor", "fsdp"), name
+    # CLIP's fused qkv and everything else: FSDP only.
+    assert spec_for("visual/transformer/blocks/0/attn/qkv/kernel", (64, 192), rules, mesh) == \
+        PartitionSpec(None, "fsdp")
+    assert spec_for("text/token_embedding/embedding", (1000, 64), rules, mesh) == PartitionSpec("fsdp", None)
 
 
 def test_tree_shardings_on_a_small_dict() -> None:

@@ -6,6 +6,7 @@ from jaxretrieval.losses.distributed import (
     ring_sigmoid_loss,
     sharded_loss,
     sigmoid_loss,
+    training_loss,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "sharded_loss",
     "sigmoid_loss",
     "soft_cross_entropy",
+    "training_loss",
 ]

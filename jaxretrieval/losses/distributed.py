@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxretrieval.losses.contrastive import pair_logits, positive_mask, soft_cross_entropy
+from jaxretrieval.losses.contrastive import contrastive_loss, pair_logits, positive_mask, soft_cross_entropy
 from jaxretrieval.sharding import BATCH_AXES
 
 AxisName = str | tuple[str, ...]
@@ -212,4 +212,35 @@ def sharded_loss(kind: str, variant: str, mesh: Mesh, axis_name: AxisName = BATC
                  image_ids: jax.Array | None = None, text_ids: jax.Array | None = None) -> jax.Array:
             return call(image, text, (logit_scale, logit_bias), image_ids, text_ids)
     loss.__doc__ = f"{kind} loss ({variant}) over the mesh's {axis_name} axes; see `sharded_loss`."
+    return loss
+
+
+LossFn = Callable[[jax.Array, jax.Array, tuple[jax.Array, ...], jax.Array], jax.Array]
+LOSS_VARIANTS = ("local", "gathered", "ring")
+
+
+def training_loss(kind: str = "contrastive", variant: str = "local", mesh: Mesh | None = None) -> LossFn:
+    """(image, text, scalars, ids) -> loss: the train step's loss, scalars being the model's `loss_scalars()`
+    ((scale,) for InfoNCE, (scale, bias) for sigmoid). local: the single-device formula on global arrays, which
+    XLA partitions itself (the full N x N logits, split by rows); gathered / ring: `sharded_loss` over the
+    mesh's batch axes."""
+    if variant not in LOSS_VARIANTS:
+        raise ValueError(f"unknown loss variant {variant!r}; choose from {', '.join(LOSS_VARIANTS)}")
+    if variant == "local":
+        losses = {"contrastive": contrastive_loss, "sigmoid": sigmoid_loss}
+        if kind not in losses:
+            raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(losses)}")
+        fn = losses[kind]
+    else:
+        if mesh is None:
+            raise ValueError(f"loss variant {variant!r} needs the device mesh")
+        fn = sharded_loss(kind, variant, mesh)
+    expected = 1 if kind == "contrastive" else 2
+
+    def loss(image: jax.Array, text: jax.Array, scalars: tuple[jax.Array, ...], ids: jax.Array) -> jax.Array:
+        if len(scalars) != expected:
+            raise ValueError(f"the {kind} loss takes {expected} logit scalars, the model gives {len(scalars)} "
+                             f"(model.init_logit_bias adds the sigmoid loss's bias)")
+        return fn(image, text, *scalars, ids)
+
     return loss

@@ -8,7 +8,6 @@ output before out_proj and one on the FFN hidden state before fc2.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,7 +19,8 @@ from einops import rearrange
 from flax import nnx
 
 from jaxretrieval.models.clip import l2_normalize
-from jaxretrieval.models.layers import dense, layer_norm, rematerialised
+from jaxretrieval.models.layers import LogitScalars, dense, layer_norm, rematerialised
+from jaxretrieval.sharding import constrain
 
 # torchscale (like fairseq) numbers positions from 2, so rows 0 and 1 of both position tables are never read.
 POSITION_OFFSET = 2
@@ -60,6 +60,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.gelu(self.fc1(x).astype(jnp.float32), approximate=False).astype(x.dtype)
+        h = constrain(h, "batch", None, "mlp")
         return self.fc2(self.ffn_layernorm(h))
 
 
@@ -78,7 +79,7 @@ class MultiwayAttention(nnx.Module):
         batch, length, width = x.shape
 
         def heads(t: jax.Array) -> jax.Array:
-            return t.reshape(batch, length, self.heads, width // self.heads)
+            return constrain(t.reshape(batch, length, self.heads, width // self.heads), "batch", None, "heads", None)
 
         q, k, v = (heads(p(x, split)) for p in (self.q_proj, self.k_proj, self.v_proj))
         mask = None if keep is None else keep[:, None, None, :]
@@ -98,7 +99,9 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, split: int, keep: jax.Array | None, rngs: nnx.Rngs | None) -> jax.Array:
         x = x + _apply_drop_path(self.drop_path, self.self_attn(self.self_attn_layer_norm(x, split), split, keep),
                                  rngs)
-        return x + _apply_drop_path(self.drop_path, self.ffn(self.final_layer_norm(x, split), split), rngs)
+        x = constrain(x, "batch", None, None)
+        x = x + _apply_drop_path(self.drop_path, self.ffn(self.final_layer_norm(x, split), split), rngs)
+        return constrain(x, "batch", None, None)
 
 
 class BEiT3(nnx.Module):
@@ -165,7 +168,7 @@ class BEiT3(nnx.Module):
         return self.layer_norm(x, split)
 
 
-class BEiT3Retrieval(nnx.Module):
+class BEiT3Retrieval(nnx.Module, LogitScalars):
     """unilm's BEiT3ForRetrieval: CLS of a vision-only / text-only forward through a bias-free head."""
 
     def __init__(self, config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
@@ -180,7 +183,7 @@ class BEiT3Retrieval(nnx.Module):
         width = multiway.width
         self.vision_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)
         self.language_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)
-        self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
+        self.init_logit_scalars(config)  # unclamped, as unilm
 
     def image_features(self, pixels: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         """The encoder's vision CLS, before the head."""
@@ -202,9 +205,6 @@ class BEiT3Retrieval(nnx.Module):
                     rngs: nnx.Rngs | None = None) -> jax.Array:
         features = self.language_head(self.text_features(tokens, padding_mask, rngs=rngs)).astype(jnp.float32)
         return l2_normalize(features) if normalize else features
-
-    def scale(self) -> jax.Array:
-        return jnp.exp(self.logit_scale[...])
 
     def __call__(self, pixels: jax.Array, tokens: jax.Array, *, rngs: nnx.Rngs | None = None
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxretrieval.models.layers import LogitScalars
 from jaxretrieval.models.text import TextTransformer
 from jaxretrieval.models.vit import VisionTransformer
 
@@ -15,7 +16,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-class CLIP(nnx.Module):
+class CLIP(nnx.Module, LogitScalars):
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
         """config: a `jaxretrieval.config.ModelConfig`."""
         shared = {"embed_dim": config.embed_dim, "activation": config.activation, "rngs": rngs, "dtype": dtype}
@@ -26,8 +27,7 @@ class CLIP(nnx.Module):
         self.text = TextTransformer(context_length=text.context_length, vocab_size=text.vocab_size,
                                     width=text.width, layers=text.layers, heads=text.heads,
                                     mlp_ratio=text.mlp_ratio, remat=text.remat, **shared)
-        self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32))
-        self.max_logit_scale = config.max_logit_scale
+        self.init_logit_scalars(config, config.max_logit_scale)
 
     def encode_image(self, pixels: jax.Array, normalize: bool = False) -> jax.Array:
         features = self.visual(pixels).astype(jnp.float32)
@@ -36,9 +36,6 @@ class CLIP(nnx.Module):
     def encode_text(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
         features = self.text(tokens).astype(jnp.float32)
         return l2_normalize(features) if normalize else features
-
-    def scale(self) -> jax.Array:
-        return jnp.exp(jnp.minimum(self.logit_scale[...], self.max_logit_scale))
 
     def __call__(self, pixels: jax.Array, tokens: jax.Array, *, rngs: nnx.Rngs | None = None
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxretrieval.sharding import constrain
+
 
 def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
@@ -38,7 +40,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, length, width = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(batch, length, 3 * self.heads, -1), 3, axis=2)
+        qkv = jnp.split(self.qkv(x).reshape(batch, length, 3 * self.heads, -1), 3, axis=2)
+        q, k, v = (constrain(t, "batch", None, "heads", None) for t in qkv)
         y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out(y.reshape(batch, length, width))
 
@@ -50,7 +53,7 @@ class MLP(nnx.Module):
         self.activation = ACTIVATIONS[activation]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.proj(self.activation(self.fc(x)))
+        return self.proj(constrain(self.activation(self.fc(x)), "batch", None, "mlp"))
 
 
 class Block(nnx.Module):
@@ -61,8 +64,8 @@ class Block(nnx.Module):
         self.mlp = MLP(width, int(width * mlp_ratio), activation, layers=layers, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = constrain(x + self.attn(self.ln_1(x)), "batch", None, None)
+        return constrain(x + self.mlp(self.ln_2(x)), "batch", None, None)
 
 
 # Rematerialisation per tower (config `remat`): none keeps every activation for the backward pass; full keeps
@@ -92,3 +95,21 @@ class Transformer(nnx.Module):
         for block in self.blocks:
             x = run(block, x)
         return x
+
+
+class LogitScalars:
+    """The learnable logit scale exp(t) (clamped at exp(max_logit_scale)) and, for the sigmoid loss, a logit bias
+    (present when `model.init_logit_bias` is set). Mixed into every dual encoder."""
+
+    def init_logit_scalars(self, config, max_logit_scale: float = float("inf")) -> None:
+        self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32))
+        self.max_logit_scale = max_logit_scale
+        bias = config.init_logit_bias
+        self.logit_bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
+
+    def scale(self) -> jax.Array:
+        return jnp.exp(jnp.minimum(self.logit_scale[...], self.max_logit_scale))
+
+    def loss_scalars(self) -> tuple[jax.Array, ...]:
+        """(scale,) or (scale, bias): the scalars the training loss takes after the embeddings."""
+        return (self.scale(),) if self.logit_bias is None else (self.scale(), self.logit_bias[...])
