@@ -31,6 +31,8 @@ from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, m
 from jaxretrieval.data.sources import DataError
 from jaxretrieval.evaluate import evaluate_retrieval
 from jaxretrieval.gradients import make_grad_fn
+from jaxretrieval.losses import training_loss
+from jaxretrieval.losses.distributed import LossFn
 from jaxretrieval.models import abstract_model, init_params, layer_depth
 from jaxretrieval.optim import learning_rate, make_optimizer
 from jaxretrieval.sharding import (
@@ -40,6 +42,7 @@ from jaxretrieval.sharding import (
     make_mesh,
     replicated,
     tree_shardings,
+    under_mesh,
 )
 
 log = logging.getLogger("jaxretrieval.train")
@@ -50,23 +53,25 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0,
-                    micro_batches: int = 1, accumulation: str = "cache"):
+                    micro_batches: int = 1, accumulation: str = "cache", loss_fn: LossFn | None = None):
     """(params, opt_state, batch, step) -> (params, opt_state, metrics); stochastic layers (drop path) draw from
     a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would. With
     micro_batches > 1 the gradient is gathered micro-batch by micro-batch (see jaxretrieval.gradients)."""
-    grad_fn = make_grad_fn(graphdef, micro_batches, accumulation)
+    grad_fn = make_grad_fn(graphdef, micro_batches, accumulation, loss_fn)
 
     def train_step(params, opt_state, batch, step):
-        loss, scale, grads = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
+        loss, scalars, grads = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "logit_scale": scale}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "logit_scale": scalars[0]}
+        return params, opt_state, metrics | ({"logit_bias": scalars[1]} if len(scalars) > 1 else {})
 
     return train_step
 
 
 def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any, Callable]:
-    """(graphdef, params, optimizer state, jitted step): fresh state placed by the partition rules."""
+    """(graphdef, params, optimizer state, jitted step): fresh state placed by the partition rules; the step is
+    traced under the mesh, so the towers' activation constraints apply."""
     cfg = config.train
     graphdef, abstract_params = abstract_model(config.model, precision=cfg.precision)
     param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
@@ -74,7 +79,9 @@ def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any,
     opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
     params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step_fn = jax.jit(make_train_step(graphdef, tx, cfg.seed, cfg.micro_batches, cfg.accumulation),
+    loss_fn = training_loss(cfg.loss, cfg.loss_variant, mesh)
+    step = make_train_step(graphdef, tx, cfg.seed, cfg.micro_batches, cfg.accumulation, loss_fn)
+    step_fn = jax.jit(under_mesh(step, mesh),
                       in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
                       donate_argnums=(0, 1))
@@ -91,6 +98,20 @@ def with_epoch_steps(config: Config, num_records: int) -> Config:
     steps = max(1, round(config.train.epochs * per_epoch))
     log.info("train.epochs=%g: %d steps (%d per epoch)", config.train.epochs, steps, per_epoch)
     return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
+
+
+def data_position(mngr: Any, step: int) -> tuple[int, bool]:
+    """(global batch the data loader starts at, whether to restore its saved iterator state). On the process
+    count that wrote the checkpoint the iterator state is exact (skipped bad records included); on another the
+    stream continues from the checkpoint's step."""
+    if not step:
+        return 0, False
+    saved = checkpoint.read_meta(mngr, step).get("data", {})
+    if saved.get("processes") == jax.process_count():
+        return saved["start_step"], True
+    log.info("checkpoint %d was written by %s processes, this run has %d: the data stream continues from its step",
+             step, saved.get("processes", "an unknown number of"), jax.process_count())
+    return step, False
 
 
 class MetricsLog:
@@ -119,25 +140,27 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     train_source = caption_source(config, root, "train")
     config = with_epoch_steps(config, len(train_source))
     cfg = config.train
-    loader = train_loader(config, train_source, tokenizer)
     eval_data = eval_inputs(config, caption_source(config, root, config.eval.split), tokenizer)
 
     if is_main:
         save_config(config, workdir / "config.yaml")
     mesh = make_mesh(config.mesh)
     graphdef, params, opt_state, step_fn = setup_training(config, mesh)
-    data_iterator = iter(loader)
 
     mngr = checkpoint.manager(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     start = mngr.latest_step() or 0
+    data_start, same_processes = data_position(mngr, start)
+    data_iterator = iter(train_loader(config, train_source, tokenizer, start_step=data_start))
     if start:
-        restored = checkpoint.restore(mngr, start, params=params, opt_state=opt_state, data_iterator=data_iterator)
+        restored = checkpoint.restore(mngr, start, params=params, opt_state=opt_state,
+                                      data_iterator=data_iterator if same_processes else None)
         params, opt_state = restored["params"], restored["opt_state"]
         log.info("resumed from %s at step %d", mngr.directory, start)
     elif cfg.init_from:
         params, _ = checkpoint.load_model(cfg.init_from, params)
         log.info("initialised from %s", cfg.init_from)
-    meta = {"config": to_dict(config), "tokenizer": tokenizer.to_spec()}
+    meta = {"config": to_dict(config), "tokenizer": tokenizer.to_spec(),
+            "data": {"start_step": data_start, "processes": jax.process_count()}}
 
     lr_at = learning_rate(cfg)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", is_main)

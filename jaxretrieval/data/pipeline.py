@@ -1,7 +1,8 @@
 """Grain pipelines: random-access source -> decode/augment -> tokenize -> batch, split over processes.
 
-Training reads an endless shuffled stream whose position is a checkpointable iterator state; evaluation
-reads the gallery images and the captions once, in order.
+Training reads an endless shuffled stream, the same global batches on any number of processes (see
+jaxretrieval.data.order), whose position is a checkpointable iterator state; evaluation reads the gallery images
+and the captions once, in order.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from jaxretrieval.config import Config
 from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.data.demo import generate_demo
+from jaxretrieval.data.order import GlobalBatchSampler, shuffled_epochs
 from jaxretrieval.data.sources import CaptionSource, DataError
 from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.data.tokenizers import Tokenizer, WordTokenizer, build_tokenizer
@@ -85,18 +87,11 @@ def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
     return CaptionSource(annotation_files(root, name), root, skip_bad=config.data.skip_bad_records)
 
 
-def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer) -> grain.DataLoader:
-    """Endless shuffled batches of this process's share of the global batch."""
-    processes = jax.process_count()
-    if config.train.batch_size % processes:
-        raise ValueError(f"train.batch_size {config.train.batch_size} does not divide over {processes} processes")
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=True,
-        num_epochs=None,
-        seed=config.train.seed,
-    )
+def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer, start_step: int = 0) -> grain.DataLoader:
+    """Endless batches of this process's rows of the global batches of one shuffled stream (see
+    jaxretrieval.data.order), from global batch `start_step` on."""
+    sampler = GlobalBatchSampler(shuffled_epochs(len(source), config.train.seed), config.train.batch_size,
+                                 jax.process_index(), jax.process_count(), config.train.seed, start_step)
     data = config.data
     view = HybridView(config.model.image.image_size, data.mean, data.std, scale=data.local_scale) \
         if data.hybrid_views else None
@@ -105,8 +100,8 @@ def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer) ->
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
-        operations=[encode, DropSkipped(), grain.transforms.Batch(config.train.batch_size // processes,
-                                                                   drop_remainder=True)],
+        shard_options=sampler.shard_options(),
+        operations=[encode, DropSkipped(), grain.transforms.Batch(sampler.local_batch, drop_remainder=True)],
         worker_count=config.data.workers,
     )
 
