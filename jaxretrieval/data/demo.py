@@ -13,7 +13,7 @@ import re
 import shutil
 import string
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,19 +228,22 @@ def _read_params(root: Path) -> dict[str, Any] | None:
     return params if isinstance(params, dict) else None
 
 
-def _sibling(root: Path, tag: str) -> Path:
+def sibling(root: Path, tag: str) -> Path:
+    """A fresh hidden folder beside `root` (same file system, so a rename moves it into place atomically)."""
     return root.with_name(f".{root.name}.{uuid.uuid4().hex}.{tag}")
 
 
-def _install(staged: Path, root: Path, params: dict[str, Any]) -> None:
+def install(staged: Path, root: Path, installed: Callable[[], bool]) -> None:
+    """Renames the complete `staged` folder to `root`, replacing what is there; if the rename loses a race, fine
+    as long as `installed()` says the same dataset is now at `root`."""
     stale = None
-    if (root / METADATA_FILE).is_file():
-        stale = _sibling(root, "old")
+    if root.exists():
+        stale = sibling(root, "old")
         os.replace(root, stale)
     try:
         os.replace(staged, root)
     except OSError:
-        if _read_params(root) != params:
+        if not installed():
             raise
         shutil.rmtree(staged, ignore_errors=True)  # a concurrent call installed the same dataset first
     finally:
@@ -287,11 +290,11 @@ def generate_demo(
         raise FileExistsError(f"{root} is not empty and holds no demo dataset; refusing to overwrite it")
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    staged = _sibling(root, "tmp")
+    staged = sibling(root, "tmp")
     staged.mkdir()
     try:
         _write_dataset(staged, params)
-        _install(staged, root, params)
+        install(staged, root, lambda: _read_params(root) == params)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
