@@ -3,6 +3,7 @@
   python -m convert clip SRC OUT [--format openai|open_clip|hf] [--config JSON] [--image-size N] [--bpe PATH]
   python -m convert clip-export CKPT OUT --format open_clip|hf
   python -m convert beit3 SRC.pth OUT --spm PATH [--image-size N]
+  python -m convert ctl SRC.ckpt OUT [--input-size H W]      (or a torchvision ResNet-50 .pth: a backbone)
 """
 
 from __future__ import annotations
@@ -39,10 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     beit3.add_argument("--spm", required=True, help="the XLM-R sentencepiece model BEiT-3 was trained with "
                                                     "(beit3.spm); embedded in the checkpoint")
     beit3.add_argument("--image-size", type=int, help="resample the vision position table to this input size")
+
+    ctl = families.add_parser("ctl", help="a Centroids-ReID Lightning .ckpt, or torchvision ResNet-50 weights (a "
+                                          "backbone for train.init_from) -> our checkpoint")
+    ctl.add_argument("src", help="the .ckpt ({'state_dict': ...}) or a torchvision / IBN-Net ResNet-50 .pth")
+    ctl.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    ctl.add_argument("--input-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
+                     help="the input size the model was trained at (default 256 128; 320 320 for Street2Shop)")
     return parser
 
 
 def _run(args: argparse.Namespace) -> str:
+    if args.command == "ctl":
+        from convert.ctl import import_ctl
+
+        return str(import_ctl(args.src, args.out, input_size=tuple(args.input_size)))
     if args.command == "beit3":
         from convert.beit3 import import_beit3
 

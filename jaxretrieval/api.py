@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from jaxretrieval.data.pipeline import make_preprocess
+from jaxretrieval.data.reid import ReidEvalTransform
 from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.data.transforms import Preprocess
 from jaxretrieval.evaluate import restore_params, saved_config
@@ -27,7 +28,7 @@ class RetrievalModel:
                              static_argnums=2)
 
     def encode_image(self, pixels: np.ndarray | jax.Array, normalize: bool = False) -> jax.Array:
-        """pixels: (batch, size, size, 3) from `preprocess`, stacked."""
+        """pixels: (batch, height, width, 3) from `preprocess`, stacked."""
         return self._image(self.params, pixels, normalize)
 
     def encode_text(self, tokens: np.ndarray | jax.Array, normalize: bool = False) -> jax.Array:
@@ -40,8 +41,12 @@ class RetrievalModel:
         return float(self.module.scale())
 
 
-def load(path: str | Path) -> tuple[RetrievalModel, Preprocess, object]:
-    """(model, preprocess, tokenizer) from a step folder, a checkpoints folder or a training workdir."""
+def load(path: str | Path) -> tuple[RetrievalModel, Preprocess | ReidEvalTransform, object]:
+    """(model, preprocess, tokenizer) from a step folder, a checkpoints folder or a training workdir. A re-id
+    model (model.family=ctl) has no text side: its tokenizer is None and `preprocess` resizes to data.input_size."""
     config = saved_config(path)
     graphdef, params, meta = restore_params(config, path, make_mesh(config.mesh))
+    if config.model.family == "ctl":
+        data = config.data
+        return RetrievalModel(graphdef, params), ReidEvalTransform(tuple(data.input_size), data.mean, data.std), None
     return RetrievalModel(graphdef, params), make_preprocess(config), build_tokenizer(meta["tokenizer"])

@@ -7,6 +7,7 @@ Layout: DIR/checkpoints/<step>/{params, opt_state, data, meta}.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,38 @@ def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: A
     return dict(mngr.restore(step, args=ocp.args.Composite(**items)).items())
 
 
-def load_model(path: str | Path, params: Any) -> tuple[Any, dict]:
-    """(params, meta) of the checkpoint at `path` (see `locate`), restored into the target `params` tree."""
+def load_model(path: str | Path, params: Any, *, partial: bool = False) -> tuple[Any, dict]:
+    """(params, meta) of the checkpoint at `path` (see `locate`), restored into the target `params` tree. With
+    `partial` the checkpoint may hold a subset of the tree (a converted backbone): the rest keeps `params`'
+    values; a key the model lacks is still an error."""
     folder, step = locate(path)
-    restored = restore(manager(folder, read_only=True), step, params=params)
-    return restored["params"], restored["meta"]
+    mngr = manager(folder, read_only=True)
+    if not partial:
+        restored = restore(mngr, step, params=params)
+        return restored["params"], restored["meta"]
+    where = str(Path(mngr.directory) / str(step))
+    saved = mngr.item_metadata(step)["params"]
+    restored = restore(mngr, step, params=_subtree(params, getattr(saved, "tree", saved), where))
+    return replace_leaves(params, restored["params"]), restored["meta"]
+
+
+def _subtree(tree: Any, saved: Any, where: str, prefix: str = "") -> Any:
+    """The part of `tree` whose keys `saved` (a checkpoint's nested metadata) holds."""
+    if not isinstance(saved, Mapping):
+        return tree
+    ours = {str(key): key for key in tree} if isinstance(tree, Mapping) else {}  # metadata keys may be strings
+    out = {}
+    for key, value in saved.items():
+        if str(key) not in ours:
+            raise CheckpointError(f"{where}: unexpected parameter '{prefix}{key}' (the model has no such part)")
+        out[ours[str(key)]] = _subtree(tree[ours[str(key)]], value, where, f"{prefix}{key}/")
+    return out
+
+
+def replace_leaves(tree: dict, new: Mapping) -> dict:
+    """`tree` with the leaves that `new` (a nested dict over a subset of its keys) holds."""
+    return {key: replace_leaves(value, new[key]) if isinstance(value, dict) and key in new else new.get(key, value)
+            for key, value in tree.items()}
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from pathlib import Path
@@ -62,9 +61,21 @@ class MultiwayConfig:
 
 
 @dataclasses.dataclass
+class ResNetConfig:
+    """The CNN backbone of model.family=ctl (Centroids-ReID): torchvision's ResNet layout, NHWC."""
+
+    layers: tuple[int, ...] = (3, 4, 6, 3)  # bottleneck blocks per stage (ResNet-50)
+    width: int = 64  # stem channels; features = 32 x width (2048)
+    last_stride: int = 1  # 1 keeps layer 4 at layer 3's resolution (re-id); 2 is ImageNet's
+    stem_relu: bool | None = None  # None: as the original, ReLU after the stem with IBN-a only
+    ibn: bool = False  # ResNet-50-IBN-a: InstanceNorm on half the channels of each block's first norm, layers 1-3
+
+
+@dataclasses.dataclass
 class ModelConfig:
     name: str = "vit_b32"
-    family: str = "clip"  # clip: two towers (model.image, model.text); beit3: one multiway encoder
+    # clip: two towers (model.image, model.text); beit3: one multiway encoder; ctl: a ResNet re-id model
+    family: str = "clip"
     embed_dim: int = 512
     activation: str = "quick_gelu"  # quick_gelu (OpenAI CLIP) or gelu
     init_logit_scale: float = 2.659260036932778  # log(1 / 0.07)
@@ -76,11 +87,15 @@ class ModelConfig:
     text: TextTowerConfig = dataclasses.field(default_factory=TextTowerConfig)
     multiway: MultiwayConfig = dataclasses.field(default_factory=MultiwayConfig)
     drop_path: float = 0.0  # stochastic depth of the last layer, rising linearly from 0 (beit3)
+    resnet: ResNetConfig = dataclasses.field(default_factory=ResNetConfig)
+    num_classes: int = 0  # ctl: identities of the classifier and center loss; 0 = those of the training split
 
 
 @dataclasses.dataclass
 class DataConfig:
-    kind: str = "jsonl"  # jsonl: annotation files of {"image", "caption", "image_id"} lines; demo: generated
+    # jsonl: annotation files of {"image", "caption", "image_id"} lines; demo: generated captions. Re-id:
+    # market1501, dukemtmc (folders), street2shop (COCO JSON, train_file), reid_demo (generated).
+    kind: str = "jsonl"
     root: str = ""  # annotation paths and image paths are relative to this folder
     train_file: str = "train.jsonl"  # or a glob pattern (PAB: annotation/train/pair_*.json), files read sorted
     test_file: str = "test.jsonl"
@@ -97,6 +112,12 @@ class DataConfig:
     # scale in local_scale, else the global (squash) resize.
     hybrid_views: bool = False
     local_scale: tuple[float, float] = (0.5, 1.0)
+    # Re-id: input (height, width); identity-balanced batches of batch_size / num_instances identities x
+    # num_instances images; pad + random crop, random erasing probability.
+    input_size: tuple[int, int] = (256, 128)
+    num_instances: int = 4
+    padding: int = 10
+    random_erasing: float = 0.5
     demo_seed: int = 0
     demo_num_train: int = 4000
     demo_num_test: int = 200
@@ -126,8 +147,20 @@ class TrainConfig:
     # contrastive: symmetric InfoNCE; sigmoid: SigLIP's pairwise loss (needs model.init_logit_bias). Variant: local
     # (the full-batch formula on global arrays; XLA partitions it), gathered (each device its rows against the
     # all-gathered columns) or ring (column blocks passed around the devices; no device holds the N x N logits).
-    loss: str = "contrastive"
+    loss: str = "contrastive"  # or ctl: Centroids-ReID's CE + triplet + center + centroid triplet (family ctl)
     loss_variant: str = "local"
+    label_smoothing: float = 0.1  # ctl
+    triplet_margin: float = 0.5  # ctl: batch-hard and centroid triplet
+    center_loss_weight: float = 5e-4  # ctl: the centres have their own SGD at center_lr
+    center_lr: float = 0.5
+    # adamw (decoupled decay on matrices) or adam (torch.optim.Adam: L2 weight_decay added to every gradient).
+    optimizer: str = "adamw"
+    # cosine: warmup_steps linear, then cosine to end_lr; multistep (with epochs): lr x min(1, (epoch + 1) /
+    # warmup_epochs), x gamma at each of the milestones (epochs), as Centroids-ReID.
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    milestones: list[int] = dataclasses.field(default_factory=list)
+    gamma: float = 0.1
     precision: str = "fp32"  # fp32, or bf16: bf16 compute with fp32 parameters and optimizer state
     seed: int = 0
     init_from: str = ""  # a model checkpoint (converted or trained) to start from when DIR has none
@@ -163,6 +196,10 @@ class EvalConfig:
     # image_text: recall both ways (i2t_R*, t2i_R*, rsum); text_to_image: captions rank the gallery images, the
     # images of the caption's image_id relevant (R1 R5 R10 mAP mINP, the PAB / text-to-person protocol).
     protocol: str = "image_text"
+    # reid (model.family=ctl): query x gallery splits, the Market protocol (same identity and camera removed):
+    # R1 R5 R10 R20 R50 mAP mINP against the images, and centroid_* against identity centroids (one per identity,
+    # per query camera from the other cameras' images when per_camera_centroids).
+    per_camera_centroids: bool = True
 
 
 @dataclasses.dataclass
@@ -299,72 +336,10 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         config = _build(Config, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    from jaxretrieval.config_checks import validate
+
     validate(config, source)
     return config
-
-
-def validate(config: Config, source: str = "config") -> None:
-    """Cross-field checks the types alone cannot express."""
-    checks = [
-        (config.model.family in ("clip", "beit3"), "model.family must be clip or beit3"),
-        *[(remat in ("none", "full", "dots"), f"model.{tower}.remat must be none, full or dots")
-          for tower, remat in (("image", config.model.image.remat), ("text", config.model.text.remat),
-                               ("multiway", config.model.multiway.remat))],
-        (config.model.activation in ("quick_gelu", "gelu"), "model.activation must be quick_gelu or gelu"),
-        (config.model.image.image_size % config.model.image.patch_size == 0,
-         "model.image.image_size must be a multiple of model.image.patch_size"),
-        (config.model.image.width % config.model.image.heads == 0, "model.image.width must divide by heads"),
-        (config.model.text.width % config.model.text.heads == 0, "model.text.width must divide by heads"),
-        (config.data.kind in ("jsonl", "demo"), "data.kind must be jsonl or demo"),
-        (config.data.resize in ("crop", "squash"), "data.resize must be crop or squash"),
-        (0 < config.data.local_scale[0] <= config.data.local_scale[1] <= 1,
-         "data.local_scale must be [low, high] with 0 < low <= high <= 1"),
-        (config.eval.protocol in ("image_text", "text_to_image"), "eval.protocol must be image_text or text_to_image"),
-        (config.distributed.initialize in ("auto", "always", "never"),
-         "distributed.initialize must be auto, always or never"),
-        (config.train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
-        (config.train.batch_size > 0 and config.train.steps > 0, "train.batch_size and train.steps must be > 0"),
-        (len(config.data.mean) == 3 and len(config.data.std) == 3, "data.mean and data.std need 3 values"),
-        (config.train.epochs >= 0, "train.epochs must be >= 0"),
-        (config.train.micro_batches >= 1 and config.train.batch_size % config.train.micro_batches == 0,
-         "train.micro_batches must be >= 1 and divide train.batch_size"),
-        (config.train.accumulation in ("cache", "mean"), "train.accumulation must be cache or mean"),
-        (config.train.loss in ("contrastive", "sigmoid"), "train.loss must be contrastive or sigmoid"),
-        (config.train.loss_variant in ("local", "gathered", "ring"),
-         "train.loss_variant must be local, gathered or ring"),
-        ((config.train.loss == "sigmoid") == (config.model.init_logit_bias is not None),
-         "train.loss=sigmoid needs model.init_logit_bias (SigLIP: -10), and only it has a logit bias"),
-        (0 < config.train.layer_decay <= 1, "train.layer_decay must be in (0, 1]"),
-        (0 <= config.model.drop_path < 1, "model.drop_path must be in [0, 1)"),
-    ]
-    multiway = config.model.multiway
-    if config.model.family == "beit3":
-        checks += [
-            (multiway.width % multiway.heads == 0, "model.multiway.width must divide by heads"),
-            (config.model.text.context_length <= multiway.max_text_positions - 2,
-             "model.text.context_length must be <= model.multiway.max_text_positions - 2"),
-        ]
-    else:
-        checks += [
-            (config.model.drop_path == 0, "model.drop_path applies to model.family=beit3 only"),
-            (config.train.layer_decay == 1, "train.layer_decay applies to model.family=beit3 only"),
-        ]
-    for pattern in config.train.no_decay:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            checks.append((False, f"train.no_decay: {pattern!r} is not a valid regex ({e})"))
-    if isinstance(config.sharding, str):
-        checks.append((config.sharding in ("replicated", "fsdp", "fsdp_tensor"),
-                       f"sharding: unknown rule set {config.sharding!r} (replicated, fsdp, fsdp_tensor, or a list "
-                       f"of [regex, spec] rules)"))
-    for rule in [] if isinstance(config.sharding, str) else config.sharding:
-        ok = isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str) and \
-            (rule[1] is None or rule[1] == "fsdp" or isinstance(rule[1], list))
-        checks.append((ok, f"sharding rule {rule!r} must be [regex, [axis or null, ...] or fsdp]"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{source}: {message}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,

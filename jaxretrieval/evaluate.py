@@ -20,10 +20,11 @@ from jax.sharding import Mesh
 from jaxretrieval import checkpoint
 from jaxretrieval.config import Config, ConfigError, load_config
 from jaxretrieval.data.pipeline import EvalInputs, caption_source, data_root, eval_inputs
+from jaxretrieval.data.reid_pipeline import ReidSplit, reid_eval_splits
 from jaxretrieval.data.sources import CaptionSource, DataError
 from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.models import abstract_model
-from jaxretrieval.retrieval import embed_all, image_text_recall
+from jaxretrieval.retrieval import embed_all, evaluate_reid, image_text_recall
 from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
 from jaxretrieval.retrieval.similarity import topk_similarity
 from jaxretrieval.sharding import initialize_distributed, make_mesh, tree_shardings, under_mesh
@@ -79,6 +80,19 @@ def image_text_recall_all(image_emb: np.ndarray, text_emb: np.ndarray, text_to_i
     return metrics
 
 
+def evaluate_reid_splits(graphdef: nnx.GraphDef, params: dict, splits: tuple[ReidSplit, ReidSplit], mesh: Mesh,
+                         batch_size: int, per_camera: bool = True) -> dict:
+    """Re-id metrics of the query split against the gallery images (R1 ... mINP) and against the gallery's identity
+    centroids (centroid_R1 ...), from L2-normalised BN-neck features."""
+    encode_image, _ = encoders(graphdef, mesh)
+    query, gallery = (embed_all(lambda x: encode_image(params, x), split.images, batch_size, mesh)
+                      for split in splits)
+    sets = (query, splits[0].pids, splits[0].camids, gallery, splits[1].pids, splits[1].camids)
+    images = evaluate_reid(*sets, centroids=False)
+    centroids = evaluate_reid(*sets, centroids=True, per_camera=per_camera)
+    return {**images, **{f"centroid_{key}": value for key, value in centroids.items()}}
+
+
 def restore_params(config: Config, path: str | Path, mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, params placed on the mesh, checkpoint metadata) for the model `config` describes."""
     graphdef, abstract = abstract_model(config.model, precision=config.train.precision)
@@ -94,19 +108,25 @@ def saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
     return load_config(None, overrides, base=meta["config"], source=f"config saved with checkpoint {path}")
 
 
-def evaluate_checkpoint(config: Config, checkpoint_path: str | Path, source: CaptionSource) -> dict:
-    """Image-text recall of the checkpoint's model on the images and captions of `source`."""
+def evaluate_checkpoint(config: Config, checkpoint_path: str | Path, source: CaptionSource | None = None) -> dict:
+    """The checkpoint's metrics: image-text recall on the images and captions of `source` (default: eval.split),
+    or for eval.protocol=reid the query split against the gallery."""
     mesh = make_mesh(config.mesh)
     graphdef, params, meta = restore_params(config, checkpoint_path, mesh)
-    # The tokenizer the model was trained (or converted) with, as saved in its checkpoint.
-    inputs = eval_inputs(config, source, build_tokenizer(meta["tokenizer"]))
-    metrics = evaluate_retrieval(graphdef, params, inputs, mesh, config.eval.batch_size, config.eval.protocol)
+    if config.eval.protocol == "reid":
+        metrics = evaluate_reid_splits(graphdef, params, reid_eval_splits(config), mesh, config.eval.batch_size,
+                                       config.eval.per_camera_centroids)
+    else:
+        source = source or caption_source(config, data_root(config), config.eval.split)
+        # The tokenizer the model was trained (or converted) with, as saved in its checkpoint.
+        inputs = eval_inputs(config, source, build_tokenizer(meta["tokenizer"]))
+        metrics = evaluate_retrieval(graphdef, params, inputs, mesh, config.eval.batch_size, config.eval.protocol)
     metrics["step"] = meta.get("step")
     return metrics
 
 
 def run(config: Config, checkpoint_path: str | Path) -> dict:
-    return evaluate_checkpoint(config, checkpoint_path, caption_source(config, data_root(config), config.eval.split))
+    return evaluate_checkpoint(config, checkpoint_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxretrieval.losses import training_loss
 from jaxretrieval.losses.distributed import LossFn
+from jaxretrieval.losses.metric import CTLLossConfig, ctl_total_loss
 
 # (params, batch, key) -> (loss, the model's loss scalars, grads)
 GradFn = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, tuple[jax.Array, ...], Any]]
@@ -93,3 +94,22 @@ def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "ca
     if micro_batches == 1:
         return whole
     return {"cache": cache, "mean": mean}[mode]
+
+
+def make_ctl_grad_fn(graphdef: nnx.GraphDef, loss_config: CTLLossConfig
+                     ) -> Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict, Any, Any]]:
+    """(params, batch, key) -> (loss, its weighted parts, grads, new batch-norm statistics) of Centroids-ReID's
+    loss over an identity-balanced batch ({"image", "label"}): the forward runs in train mode, so every batch
+    norm normalises by and updates statistics of the global batch (synchronised over the devices)."""
+    def loss_fn(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, tuple[dict, Any]]:
+        model = nnx.merge(graphdef, params)
+        outputs = model(batch["image"], train=True)
+        total, parts = ctl_total_loss(outputs, batch["label"], model.center_loss.centers[...], loss_config)
+        return total, (parts, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+    def grad_fn(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, dict, Any, Any]:
+        del key  # no stochastic layers
+        (loss, (parts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        return loss, parts, grads, stats
+
+    return grad_fn

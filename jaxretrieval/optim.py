@@ -8,9 +8,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxretrieval.config import TrainConfig
+from jaxretrieval.losses.metric import center_optimizer
 from jaxretrieval.sharding import path_name
 
 # (parameter path -> depth, the depth of the top): what layer-wise lr decay needs from a model family.
@@ -18,9 +20,26 @@ LayerDepth = tuple[Callable[[str], int], int]
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
+    if config.schedule == "multistep":
+        return multistep_by_epoch(config)
     warmup = min(config.warmup_steps, config.steps)
     return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(config.steps, warmup + 1),
                                               config.end_lr)
+
+
+def multistep_by_epoch(config: TrainConfig) -> optax.Schedule:
+    """Centroids-ReID's per-epoch staircase: lr x min(1, (epoch + 1) / warmup_epochs) x gamma ** (milestones
+    passed), epoch = the update's index x epochs / steps (steps = epochs x batches per epoch)."""
+    milestones = jnp.asarray(list(config.milestones) or [config.epochs + 1], jnp.float32)
+    decays = jnp.asarray(config.gamma, jnp.float32) ** jnp.arange(1, milestones.size + 1, dtype=jnp.float32)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        epoch = jnp.floor(count * config.epochs / config.steps)
+        warm = jnp.minimum(1.0, (epoch + 1) / config.warmup_epochs) if config.warmup_epochs else 1.0
+        passed = jnp.sum(epoch >= milestones)
+        return config.lr * warm * jnp.where(passed > 0, decays[jnp.maximum(passed - 1, 0)], 1.0)
+
+    return schedule
 
 
 def decay_mask(params: Any, exclude: Sequence[str] = ()) -> Any:
@@ -48,13 +67,26 @@ def scale_by_layer_depth(depth: LayerDepth, decay: float) -> optax.GradientTrans
     return optax.stateless(scale)
 
 
-def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None) -> optax.GradientTransformation:
-    adamw = optax.adamw(learning_rate(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay, mask=lambda p: decay_mask(p, config.no_decay))
+def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None, roles: Any = None
+                   ) -> optax.GradientTransformation:
+    """The model's optimiser; with `roles` (models.parameter_roles) holding "center" or "state" leaves, the
+    centres get the center loss's SGD and the state leaves no update."""
+    lr = learning_rate(config)
+    if config.optimizer == "adam":  # torch.optim.Adam: L2 weight decay on every parameter, added to the gradient
+        adam = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                           optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+                           optax.scale_by_learning_rate(lr))
+    else:
+        adam = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
+                           mask=lambda p: decay_mask(p, config.no_decay))
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
-    parts.append(adamw)
+    parts.append(adam)
     if config.layer_decay < 1:
         if depth is None:
             raise ValueError("train.layer_decay < 1 needs a model family that defines layer depths (beit3)")
         parts.append(scale_by_layer_depth(depth, config.layer_decay))
-    return parts[0] if len(parts) == 1 else optax.chain(*parts)
+    main = parts[0] if len(parts) == 1 else optax.chain(*parts)
+    if roles is None or set(jax.tree.leaves(roles)) == {"param"}:
+        return main
+    return optax.multi_transform({"param": main, "state": optax.set_to_zero(),
+                                  "center": center_optimizer(config.center_lr, config.center_loss_weight)}, roles)

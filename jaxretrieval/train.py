@@ -8,7 +8,6 @@ checkpoint in DIR (parameters, optimizer state and data position).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -27,13 +26,12 @@ from tqdm import tqdm
 
 from jaxretrieval import checkpoint
 from jaxretrieval.config import Config, ConfigError, load_config, save_config, to_dict
-from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer, train_loader
 from jaxretrieval.data.sources import DataError
-from jaxretrieval.evaluate import evaluate_retrieval
-from jaxretrieval.gradients import make_grad_fn
+from jaxretrieval.gradients import make_ctl_grad_fn, make_grad_fn
 from jaxretrieval.losses import training_loss
 from jaxretrieval.losses.distributed import LossFn
-from jaxretrieval.models import abstract_model, init_params, layer_depth
+from jaxretrieval.losses.metric import CTLLossConfig
+from jaxretrieval.models import abstract_model, init_params, layer_depth, parameter_roles
 from jaxretrieval.optim import learning_rate, make_optimizer
 from jaxretrieval.sharding import (
     batch_sharding,
@@ -44,27 +42,46 @@ from jaxretrieval.sharding import (
     tree_shardings,
     under_mesh,
 )
+from jaxretrieval.tasks import make_task
 
 log = logging.getLogger("jaxretrieval.train")
+SHOWN_METRICS = ("i2t", "t2i", "rsum", "R", "mAP", "mINP", "centroid_R1", "centroid_mAP")  # printed after an eval
 
 
 class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0,
-                    micro_batches: int = 1, accumulation: str = "cache", loss_fn: LossFn | None = None):
-    """(params, opt_state, batch, step) -> (params, opt_state, metrics); stochastic layers (drop path) draw from
-    a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would. With
-    micro_batches > 1 the gradient is gathered micro-batch by micro-batch (see jaxretrieval.gradients)."""
+def contrastive_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, accumulation: str = "cache",
+                        loss_fn: LossFn | None = None) -> Callable:
+    """make_grad_fn in the train step's form: (loss, metrics, grads, no state)."""
     grad_fn = make_grad_fn(graphdef, micro_batches, accumulation, loss_fn)
 
+    def fn(params, batch, key):
+        loss, scalars, grads = grad_fn(params, batch, key)
+        names = ("logit_scale", "logit_bias")[:len(scalars)]
+        return loss, dict(zip(names, scalars, strict=True)), grads, None
+
+    return fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0,
+                    micro_batches: int = 1, accumulation: str = "cache", loss_fn: LossFn | None = None,
+                    grad_fn: Callable | None = None):
+    """(params, opt_state, batch, step) -> (params, opt_state, metrics); stochastic layers (drop path) draw from
+    a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would.
+
+    grad_fn(params, batch, key) -> (loss, metrics, grads, state); state (new batch-norm statistics) replaces
+    those leaves after the update. Default: the contrastive loss (micro-batched as jaxretrieval.gradients says)."""
+    grad_fn = grad_fn or contrastive_grad_fn(graphdef, micro_batches, accumulation, loss_fn)
+
     def train_step(params, opt_state, batch, step):
-        loss, scalars, grads = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
+        loss, metrics, grads, state = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "logit_scale": scalars[0]}
-        return params, opt_state, metrics | ({"logit_bias": scalars[1]} if len(scalars) > 1 else {})
+        if state is not None:
+            params = checkpoint.replace_leaves(params, state)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
     return train_step
 
@@ -75,29 +92,23 @@ def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any,
     cfg = config.train
     graphdef, abstract_params = abstract_model(config.model, precision=cfg.precision)
     param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
-    tx = make_optimizer(cfg, layer_depth(config.model))
+    tx = make_optimizer(cfg, layer_depth(config.model), parameter_roles(config.model))
     opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
     params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    loss_fn = training_loss(cfg.loss, cfg.loss_variant, mesh)
-    step = make_train_step(graphdef, tx, cfg.seed, cfg.micro_batches, cfg.accumulation, loss_fn)
+    if cfg.loss == "ctl":
+        grad_fn = make_ctl_grad_fn(graphdef, CTLLossConfig(
+            num_instances=config.data.num_instances, margin=cfg.triplet_margin, label_smoothing=cfg.label_smoothing,
+            center_weight=cfg.center_loss_weight))
+    else:
+        grad_fn = contrastive_grad_fn(graphdef, cfg.micro_batches, cfg.accumulation,
+                                      training_loss(cfg.loss, cfg.loss_variant, mesh))
+    step = make_train_step(graphdef, tx, cfg.seed, grad_fn=grad_fn)
     step_fn = jax.jit(under_mesh(step, mesh),
                       in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
                       donate_argnums=(0, 1))
     return graphdef, params, opt_state, step_fn
-
-
-def with_epoch_steps(config: Config, num_records: int) -> Config:
-    """train.epochs > 0 sets train.steps to epochs x (records // batch size), the count unilm schedules over."""
-    if not config.train.epochs:
-        return config
-    per_epoch = num_records // config.train.batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"train.batch_size {config.train.batch_size} exceeds the {num_records} training records")
-    steps = max(1, round(config.train.epochs * per_epoch))
-    log.info("train.epochs=%g: %d steps (%d per epoch)", config.train.epochs, steps, per_epoch)
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
 
 
 def data_position(mngr: Any, step: int) -> tuple[int, bool]:
@@ -133,14 +144,9 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
 
-    init_from = config.train.init_from
-    init_meta = checkpoint.read_meta_at(init_from) if init_from else {}
-    root = data_root(config)
-    tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
-    train_source = caption_source(config, root, "train")
-    config = with_epoch_steps(config, len(train_source))
-    cfg = config.train
-    eval_data = eval_inputs(config, caption_source(config, root, config.eval.split), tokenizer)
+    init_meta = checkpoint.read_meta_at(config.train.init_from) if config.train.init_from else {}
+    task = make_task(config, init_meta)
+    config, cfg = task.config, task.config.train
 
     if is_main:
         save_config(config, workdir / "config.yaml")
@@ -150,16 +156,17 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
     mngr = checkpoint.manager(workdir / "checkpoints", keep=cfg.keep_checkpoints)
     start = mngr.latest_step() or 0
     data_start, same_processes = data_position(mngr, start)
-    data_iterator = iter(train_loader(config, train_source, tokenizer, start_step=data_start))
+    data_iterator = iter(task.loader(data_start))
     if start:
         restored = checkpoint.restore(mngr, start, params=params, opt_state=opt_state,
                                       data_iterator=data_iterator if same_processes else None)
         params, opt_state = restored["params"], restored["opt_state"]
         log.info("resumed from %s at step %d", mngr.directory, start)
     elif cfg.init_from:
-        params, _ = checkpoint.load_model(cfg.init_from, params)
-        log.info("initialised from %s", cfg.init_from)
-    meta = {"config": to_dict(config), "tokenizer": tokenizer.to_spec(),
+        partial = bool(init_meta.get("partial"))
+        params, _ = checkpoint.load_model(cfg.init_from, params, partial=partial)
+        log.info("initialised %s from %s", "the parts it holds" if partial else "every parameter", cfg.init_from)
+    meta = {"config": to_dict(config), **task.meta,
             "data": {"start_step": data_start, "processes": jax.process_count()}}
 
     lr_at = learning_rate(cfg)
@@ -202,14 +209,13 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
             record(*pending)
             pending = None
         if eval_now:
-            last_eval = {"step": step, **evaluate_retrieval(graphdef, params, eval_data, mesh,
-                                                            config.eval.batch_size, config.eval.protocol)}
+            last_eval = {"step": step, **task.evaluate(graphdef, params, mesh)}
             if is_main:
                 (workdir / "eval").mkdir(exist_ok=True)
                 (workdir / "eval" / f"step_{step}.json").write_text(json.dumps(last_eval, indent=2) + "\n")
                 metrics_log.write({f"eval_{k}" if k != "step" else k: v for k, v in last_eval.items()})
                 bar.write(f"step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in last_eval.items()
-                                                      if k.startswith(("i2t", "t2i", "rsum", "R", "mAP", "mINP"))))
+                                                      if k.startswith(SHOWN_METRICS)))
         if save_now:
             checkpoint.save(mngr, step, params=params, opt_state=opt_state, data_iterator=data_iterator,
                             meta={**meta, "step": step})

@@ -12,17 +12,45 @@ from flax import nnx
 from jaxretrieval.models import beit3
 from jaxretrieval.models.beit3 import BEiT3Retrieval
 from jaxretrieval.models.clip import CLIP, l2_normalize
+from jaxretrieval.models.ctl import CTLModel
 from jaxretrieval.models.presets import MODEL_PRESETS
+from jaxretrieval.sharding import path_name
 
 COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-# Every family is a dual encoder with the same interface: __call__(pixels, tokens, *, rngs) -> (normalised image
-# embeddings, normalised text embeddings, logit scale), encode_image / encode_text(x, normalize) and scale().
-FAMILIES = {"clip": CLIP, "beit3": BEiT3Retrieval}
 
 
-def create_model(model_config, *, seed: int = 0, precision: str = "fp32") -> CLIP | BEiT3Retrieval:
+def _ctl(config, *, rngs: nnx.Rngs, dtype) -> CTLModel:
+    if config.num_classes < 1:
+        raise ValueError("model.num_classes must be set (the training split's identity count) to build a CTL model")
+    r = config.resnet
+    return CTLModel(config.num_classes, layers=tuple(r.layers), width=r.width, last_stride=r.last_stride,
+                    stem_relu=r.stem_relu, ibn=r.ibn, dtype=dtype, rngs=rngs)
+
+
+# The dual encoders share one interface: __call__(pixels, tokens, *, rngs) -> (normalised image embeddings,
+# normalised text embeddings, logit scale), encode_image / encode_text(x, normalize), scale(), loss_scalars().
+# ctl (re-id) has __call__(pixels, *, train) -> {"features", "neck", "logits"} and encode_image.
+FAMILIES = {"clip": CLIP, "beit3": BEiT3Retrieval, "ctl": _ctl}
+
+
+def create_model(model_config, *, seed: int = 0, precision: str = "fp32") -> CLIP | BEiT3Retrieval | CTLModel:
     """Builds the model `model_config` (a ModelConfig) describes, parameters in fp32."""
     return FAMILIES[model_config.family](model_config, rngs=nnx.Rngs(seed), dtype=COMPUTE_DTYPES[precision])
+
+
+def parameter_roles(model_config) -> dict:
+    """The model's state tree with a role per leaf: "param" (the optimiser's), "center" (the center loss's
+    centres, their own optimiser, as Centroids-ReID gives every parameter named *center*), "state" (batch-norm
+    statistics and frozen values, which the optimiser leaves alone)."""
+    abstract = nnx.eval_shape(lambda: create_model(model_config))
+    trainable = {path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))}
+
+    def role(path: tuple, _) -> str:
+        name = path_name(path)
+        return ("center" if "center" in name else "param") if name in trainable else "state"
+
+    return jax.tree_util.tree_map_with_path(role, nnx.to_pure_dict(nnx.state(abstract)))
 
 
 def layer_depth(model_config) -> tuple[Callable[[str], int], int] | None:
@@ -47,5 +75,5 @@ def init_params(model_config, *, seed: int, precision: str, shardings=None) -> d
     return init()
 
 
-__all__ = ["CLIP", "FAMILIES", "MODEL_PRESETS", "BEiT3Retrieval", "abstract_model", "create_model", "init_params",
-           "layer_depth", "l2_normalize"]
+__all__ = ["CLIP", "FAMILIES", "MODEL_PRESETS", "BEiT3Retrieval", "CTLModel", "abstract_model", "create_model",
+           "init_params", "layer_depth", "l2_normalize", "parameter_roles"]

@@ -54,4 +54,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "beit3_base_patch16_384": _beit3(12, 768, 12, 384),
     "beit3_large_patch16_224": _beit3(24, 1024, 16, 224),
     "beit3_large_patch16_384": _beit3(24, 1024, 16, 384),
+    # Centroids-ReID: ResNet-50 (or -IBN-a), last stride 1, 2048-d features; a tiny one for tests and the CPU demo.
+    "resnet50_ctl": {"family": "ctl", "resnet": {"layers": [3, 4, 6, 3], "width": 64, "ibn": False}},
+    "resnet50_ibn_a_ctl": {"family": "ctl", "resnet": {"layers": [3, 4, 6, 3], "width": 64, "ibn": True}},
+    "resnet_tiny_ctl": {"family": "ctl", "resnet": {"layers": [1, 1, 1, 1], "width": 16, "ibn": False}},
 }

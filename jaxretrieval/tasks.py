@@ -1,0 +1,74 @@
+"""What the one train loop needs from a kind of data: batches from a given step, an evaluation, and what checkpoints
+carry besides the config. Image-text pairs (CLIP, BEiT-3) and re-id identities (Centroids-ReID)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxretrieval.config import Config, ConfigError
+from jaxretrieval.data import reid_pipeline
+from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer, train_loader
+from jaxretrieval.evaluate import evaluate_reid_splits, evaluate_retrieval
+
+log = logging.getLogger(__name__)
+
+
+class Task(NamedTuple):
+    config: Config  # with what the data decides: train.steps from train.epochs, model.num_classes
+    loader: Callable[[int], Any]  # start step -> iterable of this process's share of each global batch
+    evaluate: Callable[[nnx.GraphDef, Any, Mesh], dict[str, Any]]  # (graphdef, params, mesh) -> metrics
+    meta: dict[str, Any]  # saved in every checkpoint beside the config (the tokenizer)
+
+
+def with_epoch_steps(config: Config, batches_per_epoch: int, what: str) -> Config:
+    """train.epochs > 0 sets train.steps to epochs x batches per epoch (the count unilm and Centroids-ReID
+    schedule over)."""
+    if not config.train.epochs:
+        return config
+    if batches_per_epoch == 0:
+        raise ConfigError(f"train.batch_size {config.train.batch_size} exceeds the training data ({what})")
+    steps = max(1, round(config.train.epochs * batches_per_epoch))
+    log.info("train.epochs=%g: %d steps (%d per epoch)", config.train.epochs, steps, batches_per_epoch)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
+
+
+def image_text_task(config: Config, init_meta: dict) -> Task:
+    root = data_root(config)
+    tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
+    source = caption_source(config, root, "train")
+    config = with_epoch_steps(config, len(source) // config.train.batch_size, f"{len(source)} records")
+    eval_data = eval_inputs(config, caption_source(config, root, config.eval.split), tokenizer)
+
+    def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> dict[str, Any]:
+        return evaluate_retrieval(graphdef, params, eval_data, mesh, config.eval.batch_size, config.eval.protocol)
+
+    return Task(config, lambda start: train_loader(config, source, tokenizer, start_step=start), evaluate,
+                {"tokenizer": tokenizer.to_spec()})
+
+
+def reid_task(config: Config) -> Task:
+    source = reid_pipeline.reid_source(config, "train")
+    if config.model.num_classes == 0:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=source.num_ids))
+    elif config.model.num_classes < source.num_ids:
+        raise ConfigError(f"model.num_classes={config.model.num_classes} but {source} has {source.num_ids} "
+                          f"identities")
+    config = with_epoch_steps(config, reid_pipeline.batches_per_epoch(config, source), repr(source))
+    splits = reid_pipeline.reid_eval_splits(config)
+
+    def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> dict[str, Any]:
+        return evaluate_reid_splits(graphdef, params, splits, mesh, config.eval.batch_size,
+                                    config.eval.per_camera_centroids)
+
+    return Task(config, lambda start: reid_pipeline.reid_train_loader(config, source, start_step=start), evaluate, {})
+
+
+def make_task(config: Config, init_meta: dict) -> Task:
+    """The task of config.model.family; `init_meta` is train.init_from's checkpoint metadata (its tokenizer)."""
+    return reid_task(config) if config.model.family == "ctl" else image_text_task(config, init_meta)
