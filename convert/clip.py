@@ -120,8 +120,8 @@ def settings_for(source: Source, sizes: dict[str, Any]) -> Settings:
 
 
 def _preset_name(model: dict[str, Any]) -> str:
-    for name in MODEL_PRESETS:
-        if name == "custom":
+    for name, values in MODEL_PRESETS.items():
+        if name == "custom" or values.get("family", "clip") != "clip":
             continue
         preset = dataclasses.asdict(from_dict({"model": {"name": name}}).model)
         # Compare the sizes convert read; settings it does not write (such as remat) keep their defaults.

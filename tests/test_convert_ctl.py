@@ -123,6 +123,10 @@ def test_lightning_checkpoint_gives_the_original_features(tmp_path) -> None:
     assert scaled_diff(got["features"], features) < 1e-5
     assert scaled_diff(got["neck"], neck) < 1e-5
     assert scaled_diff(got["logits"], logits) < 1e-5
+    # The retrieval embedding, L2-normalised bn(f): within 1e-4 absolute (measured ~1e-6).
+    embedding = nnx.jit(lambda model, x: model.encode_image(x))(model, x)
+    want = torch.nn.functional.normalize(neck, dim=1).numpy()
+    assert np.abs(np.asarray(embedding) - want).max() < 1e-4
 
 
 def test_torchvision_resnet50_weights_initialise_the_backbone() -> None:
