@@ -28,16 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import alternating_rounds, environment, print_rounds, time_steps
 
 NUM_CLASSES = 751  # Market-1501's training identities
 K = 4  # DATALOADER.NUM_INSTANCE
@@ -48,16 +45,6 @@ SIZES = {"resnet50": ((3, 4, 6, 3), 64), "tiny": ((1, 1, 1, 1), 16)}
 PRESETS = {"resnet50": "resnet50_ctl", "tiny": "resnet_tiny_ctl"}
 GROUPS = {"backbone": "backbone", "bn": "neck", "fc_query": "classifier", "center_loss": "centres"}  # torch's names
 OUR_GROUPS = {"backbone": "backbone", "neck": "neck", "classifier": "classifier", "center_loss": "centres"}
-
-
-def time_steps(step: Callable[[], float], warmup: int, steps: int) -> tuple[float, float, list[float]]:
-    """(first step seconds, median step seconds after warmup, every step's loss); `step` returns its loss."""
-    times, losses = [], []
-    for _ in range(max(warmup, 1) + steps):
-        start = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[max(warmup, 1):]), losses
 
 
 def make_batch(batch: int, height: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -237,25 +224,6 @@ def bench_jax(args: argparse.Namespace, host: dict[str, np.ndarray]) -> dict[str
             "params": counts, "init_checksum": init, "first_step_s": first, "step_s": median, "losses": losses[:2]}
 
 
-def environment(threads: int) -> dict[str, Any]:
-    """train_step.py's host and versions, with this comparison's packages and the load average."""
-    from train_step import environment as base_environment
-    from train_step import package_version
-
-    env = {k: v for k, v in base_environment(threads).items() if k not in ("open_clip_torch", "torchscale", "timm")}
-    return {**env, **{name: package_version(name) for name in ("torchvision", "numpy")},
-            "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-
-
-def run_isolated(name: str, argv: list[str]) -> dict[str, Any]:
-    """One framework in a fresh process, so neither's thread pools or allocator touch the other's run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        subprocess.run([sys.executable, __file__, *argv, "--frameworks", name, "--json", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())["rows"][0]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -284,16 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--frameworks takes jax, torch or both, not {args.frameworks!r}")
     cores = sorted(os.sched_getaffinity(0))
     threads = min(args.threads or len(cores), len(cores))
-    env = environment(threads)
+    env = {**environment(threads, ("jax", "jaxlib", "flax", "optax", "torch", "torchvision", "numpy")),
+           "load": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
     if len(frameworks) > 1:
         print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
-        runs = [run_isolated(name, argv) for _ in range(args.rounds) for name in frameworks]
-        rows = []
-        for i in range(len(frameworks)):
-            mine = runs[i::len(frameworks)]  # runs are round-major
-            median = sorted(mine, key=lambda r: r["step_s"])[(len(mine) - 1) // 2]
-            rows.append({**median, "round_step_s": [r["step_s"] for r in mine]})
+        rows = alternating_rounds(__file__, frameworks, argv, args.rounds)
     else:
         os.sched_setaffinity(0, cores[:threads])  # before jax or torch size their thread pools
         import torch
@@ -318,9 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{row['first_step_s']:.2f}", f"{row['step_s'] * 1e3:.0f}", f"{row['images_s']:.2f}",
                  ratio if row["framework"] == "jaxretrieval" else ""]
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+    print_rounds(rows)
     for row in rows:
-        if len(row.get("round_step_s", [])) > 1:
-            print(f"{row['framework']} rounds (ms/step): " + ", ".join(f"{t * 1e3:.0f}" for t in row["round_step_s"]))
         parts = ", ".join(f"{name} {n:,}" for name, n in row["params"].items())
         print(f"{row['framework']} trained parameters: {sum(row['params'].values()):,} ({parts})")
     if len(rows) == 2:

@@ -26,6 +26,7 @@ from datetime import date
 from importlib.metadata import version
 
 import numpy as np
+from harness import cpu_name
 
 Search = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -85,17 +86,6 @@ def numpy_search(k: int, chunk: int) -> tuple[Search, str]:
 def exact_scores(q: np.ndarray, g: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """float64 dot products of each query with the gallery rows it returned, in the order returned."""
     return np.einsum("qd,qkd->qk", q.astype(np.float64), g[indices].astype(np.float64))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

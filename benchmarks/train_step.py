@@ -29,20 +29,16 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import re
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
-from datetime import date
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import alternating_rounds, environment, print_rounds, time_steps
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "open_clip_torch", "torchscale", "timm")
 
 OPEN_CLIP_NAMES = {"vit_b32": "ViT-B-32", "vit_b16": "ViT-B-16", "vit_l14": "ViT-L-14", "vit_l14_336": "ViT-L-14-336"}
 # unilm's retrieval fine-tuning defaults (run_beit3_finetuning.py): AdamW betas 0.9/0.999, eps 1e-8, weight decay
@@ -51,16 +47,6 @@ BEIT3_RECIPE = ["model.drop_path=0.1", "train.layer_decay=0.85", "train.weight_d
                 "train.eps=1e-8", "train.grad_clip=0", "train.no_decay=[beit3/vision_positions]"]
 FAMILY_RECIPES = {"clip": [], "beit3": BEIT3_RECIPE}
 TORCH_NAMES = {"clip": "open_clip", "beit3": "torchscale"}
-
-
-def time_steps(step: Callable[[], None], warmup: int, steps: int) -> tuple[float, float]:
-    """(first step seconds, median step seconds after warmup); `step` must block until it is done."""
-    times = []
-    for _ in range(max(warmup, 1) + steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[max(warmup, 1):])
 
 
 def random_batch(model_config: Any, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -117,7 +103,7 @@ def bench_jax(config: Any, host_batch: dict[str, np.ndarray], warmup: int, steps
                                                                np.int32(state["step"]))
         jax.block_until_ready((state["params"], metrics))
 
-    first, median = time_steps(step, warmup, steps)
+    first, median, _ = time_steps(step, warmup, steps)
     # Compiled again here, after the timing (the jitted function's own executable is not exposed).
     flops = xla_flops(step_fn.lower(*abstract, np.int32(0)).compile())
     return {"framework": "jaxretrieval", "device": jax.devices()[0].device_kind,
@@ -292,7 +278,7 @@ def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, ste
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    first, median = time_steps(step, warmup, steps)
+    first, median, _ = time_steps(step, warmup, steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Parameters that get no gradient (BEiT-3's mask token) are never decayed by torch's AdamW.
     decayed = sum(p.numel() for g in side.groups if g["weight_decay"] > 0 for p in g["params"] if p.grad is not None)
@@ -300,35 +286,6 @@ def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, ste
     return {"framework": TORCH_NAMES[config.model.family], "device": name, "params": sum(p.numel() for p in params),
             "decayed_params": decayed, "lr_scale_sum": lr_scale_sum, "flops": None, "first_step_s": first,
             "step_s": median}
-
-
-def package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "-"
-
-
-def environment(threads: int) -> dict[str, Any]:
-    """Host, thread count and package versions, read without starting jax or torch (the children do that)."""
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    packages = ["jax", "jaxlib", "flax", "optax", "torch", "open_clip_torch", "torchscale", "timm"]
-    return {"date": date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), **{name: package_version(name) for name in packages}}
-
-
-def run_isolated(name: str, argv: list[str]) -> dict[str, Any]:
-    """Runs one framework in a fresh process, so neither's thread pools or allocator touch the other's run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        subprocess.run([sys.executable, __file__, *argv, "--frameworks", name, "--json", str(out)],
-                       check=True, stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())["rows"][0]
 
 
 def bench_config(model: str, batch: int, precision: str, overrides: list[str]) -> tuple[Any, list[str]]:
@@ -370,17 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--frameworks takes jax, torch or both, not {args.frameworks!r}")
     cores = sorted(os.sched_getaffinity(0))
     threads = min(args.threads or len(cores), len(cores))
-    env = environment(threads)
+    env = environment(threads, PACKAGES)
     if len(frameworks) > 1:
         _, applied = bench_config(args.model, args.batch, args.precision, args.overrides)
         print(" | ".join(f"{k}: {v}" for k, v in env.items()), flush=True)
         print("config overrides: " + (" ".join(applied) or "none"), flush=True)
-        runs = [run_isolated(name, argv) for _ in range(args.rounds) for name in frameworks]
-        rows = []
-        for i in range(len(frameworks)):
-            mine = runs[i::len(frameworks)]  # runs are round-major
-            median = sorted(mine, key=lambda r: r["step_s"])[(len(mine) - 1) // 2]
-            rows.append({**median, "round_step_s": [r["step_s"] for r in mine]})
+        rows = alternating_rounds(__file__, frameworks, argv, args.rounds)
         flops = next((row["flops"] for row in rows if row["flops"]), None)
         for row in rows:  # the torch side does the same work; XLA's count stands for both
             row["flops"] = flops
@@ -416,9 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{row['flops'] / 1e9:.1f}" if row["flops"] else "-",
                  f"{row['tflops_s']:.3f}" if row["tflops_s"] else "-", f"{row['mfu']:.1%}" if row["mfu"] else "-"]
         print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
-    for row in rows:
-        if len(row.get("round_step_s", [])) > 1:
-            print(f"{row['framework']} rounds (ms/step): " + ", ".join(f"{t * 1e3:.0f}" for t in row["round_step_s"]))
+    print_rounds(rows)
     if len(rows) == 2:  # the two optimizers must treat the same parameters alike
         decayed, scales = ([row[key] for row in rows] for key in ("decayed_params", "lr_scale_sum"))
         agree = decayed[0] == decayed[1] and math.isclose(scales[0], scales[1], rel_tol=1e-6)

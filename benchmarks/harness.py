@@ -1,0 +1,77 @@
+"""What the side-by-side benchmarks share: step timing, the host and package record, one framework per fresh process,
+and the median of alternating rounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import date
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+
+def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> tuple[float, float, list[Any]]:
+    """(first step seconds, median step seconds after warmup, what every step returned); `step` must block until
+    it is done."""
+    times, outputs = [], []
+    for _ in range(max(warmup, 1) + steps):
+        start = time.perf_counter()
+        outputs.append(step())
+        times.append(time.perf_counter() - start)
+    return times[0], statistics.median(times[max(warmup, 1):]), outputs
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "-"
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def environment(threads: int, packages: Sequence[str]) -> dict[str, Any]:
+    """Host, thread count and package versions, read without starting jax or torch (the children do that)."""
+    return {"date": date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), **{name: package_version(name) for name in packages}}
+
+
+def run_isolated(script: str, name: str, argv: list[str]) -> dict[str, Any]:
+    """Runs `script` for one framework in a fresh process, so neither's thread pools or allocator touch the other's
+    run; its row comes back through --json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        subprocess.run([sys.executable, script, *argv, "--frameworks", name, "--json", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["rows"][0]
+
+
+def alternating_rounds(script: str, frameworks: list[str], argv: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Each framework's median round (by step time) of `rounds` alternating runs, with every round's step time."""
+    runs = [run_isolated(script, name, argv) for _ in range(rounds) for name in frameworks]
+    rows = []
+    for i in range(len(frameworks)):
+        mine = runs[i::len(frameworks)]  # runs are round-major
+        median = sorted(mine, key=lambda r: r["step_s"])[(len(mine) - 1) // 2]
+        rows.append({**median, "round_step_s": [r["step_s"] for r in mine]})
+    return rows
+
+
+def print_rounds(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        if len(row.get("round_step_s", [])) > 1:
+            print(f"{row['framework']} rounds (ms/step): " + ", ".join(f"{t * 1e3:.0f}" for t in row["round_step_s"]))
