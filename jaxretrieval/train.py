@@ -66,14 +66,13 @@ def contrastive_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, accumula
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0,
-                    micro_batches: int = 1, accumulation: str = "cache", loss_fn: LossFn | None = None,
                     grad_fn: Callable | None = None):
     """(params, opt_state, batch, step) -> (params, opt_state, metrics); stochastic layers (drop path) draw from
     a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would.
 
     grad_fn(params, batch, key) -> (loss, metrics, grads, state); state (new batch-norm statistics) replaces
-    those leaves after the update. Default: the contrastive loss (micro-batched as jaxretrieval.gradients says)."""
-    grad_fn = grad_fn or contrastive_grad_fn(graphdef, micro_batches, accumulation, loss_fn)
+    those leaves after the update. Default: the whole-batch contrastive loss (`contrastive_grad_fn`)."""
+    grad_fn = grad_fn or contrastive_grad_fn(graphdef)
 
     def train_step(params, opt_state, batch, step):
         loss, metrics, grads, state = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
