@@ -102,6 +102,17 @@ def test_other_parameters_replace_the_dataset(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["data"]
 
 
+def test_a_dataset_another_process_installed_first_stays_in_place(tmp_path) -> None:
+    root = tmp_path / "demo"
+    generate_demo(root, seed=0, num_train=8, num_test=4)
+    marker = root / "images" / "reader_is_here"
+    marker.write_text("x")  # stands for a reader of the installed copy (process 1 of a two-process run)
+    staged = demo.sibling(root, "tmp")  # process 0 finished generating the same dataset a moment later
+    staged.mkdir()
+    demo.install(staged, root, lambda: demo._read_params(root) is not None)
+    assert marker.exists() and not staged.exists()
+
+
 def test_existing_empty_root_is_fine(tmp_path) -> None:
     root = tmp_path / "data"
     root.mkdir()

@@ -234,8 +234,12 @@ def sibling(root: Path, tag: str) -> Path:
 
 
 def install(staged: Path, root: Path, installed: Callable[[], bool]) -> None:
-    """Renames the complete `staged` folder to `root`, replacing what is there; if the rename loses a race, fine
-    as long as `installed()` says the same dataset is now at `root`."""
+    """Renames the complete `staged` folder to `root`, replacing what is there. If `installed()` says the same
+    dataset is already at `root` (another process, e.g. of a multi-process run, finished first), that copy stays,
+    since its readers may be using it, and `staged` is dropped; so also if the rename loses a race."""
+    if installed():
+        shutil.rmtree(staged, ignore_errors=True)
+        return
     stale = None
     if root.exists():
         stale = sibling(root, "old")
