@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grain
 import numpy as np
 import pytest
@@ -57,6 +59,18 @@ def test_epochs_of_different_lengths():
     assert stream[1] == 100  # earlier positions stay reachable
     with pytest.raises(ValueError, match="epoch 0 .* is empty"):
         RecordStream(lambda epoch: np.arange(0))[0]
+
+
+@pytest.mark.parametrize("stream", [lambda: shuffled_epochs(7, seed=0),
+                                    lambda: RecordStream(lambda epoch: np.arange(epoch % 3 + 2) + 10 * epoch)])
+def test_concurrent_readers_see_the_sequential_stream(stream):
+    """grain reads records from several threads at once; across epoch boundaries each must get its own epoch."""
+    positions = list(range(400)) * 4
+    expected = [stream()[p] for p in range(400)]
+    shared = stream()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda p: shared[p], positions))
+    assert got == expected * 4
 
 
 def test_sampler_plumbing():

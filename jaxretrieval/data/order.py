@@ -11,6 +11,7 @@ process count continues the same stream from the checkpoint's step.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 
 import grain
@@ -25,24 +26,28 @@ class RecordStream:
         self.epoch_length = epoch_length  # known and constant: positions map to epochs by division
         self._starts = [0]  # first position of each epoch measured so far
         self._cached: tuple[int, np.ndarray] | None = None
+        self._lock = threading.Lock()  # grain's reader threads ask for positions concurrently
 
     def _order(self, epoch: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != epoch:
-            order = np.asarray(self.epoch_order(epoch))
-            if order.size == 0:
-                raise ValueError(f"epoch {epoch} of the training stream is empty")
-            self._cached = (epoch, order)
-        return self._cached[1]
+        cached = self._cached
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        order = np.asarray(self.epoch_order(epoch))
+        if order.size == 0:
+            raise ValueError(f"epoch {epoch} of the training stream is empty")
+        self._cached = (epoch, order)
+        return order
 
     def locate(self, position: int) -> tuple[int, int]:
         """(epoch, offset within it) of a stream position."""
         if self.epoch_length:
             return divmod(position, self.epoch_length)
-        while position >= self._starts[-1]:
-            epoch = len(self._starts) - 1
-            self._starts.append(self._starts[-1] + len(self._order(epoch)))
-        epoch = int(np.searchsorted(self._starts, position, side="right")) - 1
-        return epoch, position - self._starts[epoch]
+        with self._lock:
+            while position >= self._starts[-1]:
+                epoch = len(self._starts) - 1
+                self._starts.append(self._starts[-1] + len(self._order(epoch)))
+            epoch = int(np.searchsorted(self._starts, position, side="right")) - 1
+            return epoch, position - self._starts[epoch]
 
     def __getitem__(self, position: int) -> int:
         epoch, offset = self.locate(position)
