@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from jaxretrieval.errors import UserError
 
-class ConvertError(ValueError):
+
+class ConvertError(UserError, ValueError):
     """A source that cannot be converted: unknown format, missing or unexpected keys, wrong shapes."""
 
 

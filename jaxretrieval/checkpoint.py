@@ -15,11 +15,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from jaxretrieval.errors import CheckpointError
 from jaxretrieval.sharding import path_name
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def manager(directory: str | Path, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:

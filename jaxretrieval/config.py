@@ -16,11 +16,8 @@ from typing import Any
 
 import yaml
 
+from jaxretrieval.errors import ConfigError
 from jaxretrieval.models.presets import MODEL_PRESETS
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not match the schema."""
 
 
 @dataclasses.dataclass

@@ -25,15 +25,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxretrieval.errors import DataError
+
 log = logging.getLogger(__name__)
 
 _OPTIONAL_KEYS: dict[str, tuple[type, ...]] = {
     "hard_i": (str,), "hard_c": (str,), "scene": (str,), "normal": (str, bool), "anomaly": (str, bool),
 }
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the line or the key."""
 
 
 @dataclasses.dataclass(frozen=True)
