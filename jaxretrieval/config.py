@@ -197,6 +197,16 @@ class EvalConfig:
     # R1 R5 R10 R20 R50 mAP mINP against the images, and centroid_* against identity centroids (one per identity,
     # per query camera from the other cameras' images when per_camera_centroids).
     per_camera_centroids: bool = True
+    # False: a gallery or query image that cannot be read is an error naming it; True: skipped, counted in the
+    # metrics as `skipped` and named in the log.
+    skip_bad_records: bool = False
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    # What a run does when the newest checkpoint in its workdir fails verification (damaged or half-copied files):
+    # fallback: warn naming its step and path, set it aside and resume from the newest intact one; error: stop.
+    on_corrupt: str = "fallback"
 
 
 @dataclasses.dataclass
@@ -212,6 +222,7 @@ class Config:
     sharding: list[list[Any]] | str = dataclasses.field(default_factory=list)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
 # Names users bring from other trainers, pointed at ours in "did you mean" hints.

@@ -20,6 +20,7 @@ def _common(config: Config) -> list[tuple[bool, str]]:
         (config.distributed.initialize in ("auto", "always", "never"),
          "distributed.initialize must be auto, always or never"),
         (train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+        (config.checkpoint.on_corrupt in ("fallback", "error"), "checkpoint.on_corrupt must be fallback or error"),
         (train.batch_size > 0 and train.steps > 0, "train.batch_size and train.steps must be > 0"),
         (len(data.mean) == 3 and len(data.std) == 3, "data.mean and data.std need 3 values"),
         (train.epochs >= 0, "train.epochs must be >= 0"),
