@@ -107,7 +107,10 @@ def add_verbose(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parses options and `key.path=value` overrides in any order (overrides may come before or after options)."""
+    """Parses options and `key.path=value` overrides in any order (overrides may come before or after options).
+    argparse cannot intermix with sub-commands: their parsers (convert, checkpoint) parse as usual."""
+    if parser._subparsers is not None:
+        return parser.parse_args(argv)
     return parser.parse_intermixed_args(argv)
 
 

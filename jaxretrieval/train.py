@@ -11,11 +11,13 @@ import argparse
 import json
 import logging
 import math
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -24,15 +26,16 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxretrieval import checkpoint
-from jaxretrieval.config import Config, ConfigError, load_config, save_config, to_dict
-from jaxretrieval.data.sources import DataError
+from jaxretrieval import checkpoint, errors
+from jaxretrieval.config import Config, load_config, save_config, to_dict
+from jaxretrieval.errors import OutputPathError, UserError, probe_folder
 from jaxretrieval.gradients import make_ctl_grad_fn, make_grad_fn
 from jaxretrieval.losses import training_loss
 from jaxretrieval.losses.distributed import LossFn
 from jaxretrieval.losses.metric import CTLLossConfig
 from jaxretrieval.models import abstract_model, init_params, layer_depth, parameter_roles
 from jaxretrieval.optim import learning_rate, make_optimizer
+from jaxretrieval.resume import Preempted, StopSignal, check_resume_config
 from jaxretrieval.sharding import (
     batch_sharding,
     global_batch,
@@ -48,7 +51,7 @@ log = logging.getLogger("jaxretrieval.train")
 SHOWN_METRICS = ("i2t", "t2i", "rsum", "R", "mAP", "mINP", "centroid_R1", "centroid_mAP")  # printed after an eval
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(UserError, FloatingPointError):
     pass
 
 
@@ -71,15 +74,22 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
     a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would.
 
     grad_fn(params, batch, key) -> (loss, metrics, grads, state); state (new batch-norm statistics) replaces
-    those leaves after the update. Default: the whole-batch contrastive loss (`contrastive_grad_fn`)."""
+    those leaves after the update. Default: the whole-batch contrastive loss (`contrastive_grad_fn`).
+
+    A batch may carry `stop` (per row: 1 where that row's process received a stop signal): its maximum over the
+    global batch comes back as metrics["stop"], so every process reads the same decision."""
     grad_fn = grad_fn or contrastive_grad_fn(graphdef)
 
     def train_step(params, opt_state, batch, step):
+        batch = dict(batch)
+        stop = batch.pop("stop", None)
         loss, metrics, grads, state = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if state is not None:
             params = checkpoint.replace_leaves(params, state)
+        if stop is not None:
+            metrics = {**metrics, "stop": stop.max()}
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
     return train_step
@@ -110,18 +120,48 @@ def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any,
     return graphdef, params, opt_state, step_fn
 
 
-def data_position(mngr: Any, step: int) -> tuple[int, bool]:
+def data_position(ckpts: checkpoint.RunCheckpoints, step: int) -> tuple[int, bool]:
     """(global batch the data loader starts at, whether to restore its saved iterator state). On the process
     count that wrote the checkpoint the iterator state is exact (skipped bad records included); on another the
     stream continues from the checkpoint's step."""
     if not step:
         return 0, False
-    saved = checkpoint.read_meta(mngr, step).get("data", {})
+    saved = checkpoint.read_meta(ckpts.mngr, step).get("data", {})
     if saved.get("processes") == jax.process_count():
         return saved["start_step"], True
     log.info("checkpoint %d was written by %s processes, this run has %d: the data stream continues from its step",
              step, saved.get("processes", "an unknown number of"), jax.process_count())
     return step, False
+
+
+class Resumed(NamedTuple):
+    step: int  # 0: a fresh start
+    params: Any
+    opt_state: Any
+    data_start: int
+    data_iterator: Any
+    saved_config: dict[str, Any]
+
+
+def resume(ckpts: checkpoint.RunCheckpoints, loader: Callable[[int], Any], params: Any, opt_state: Any) -> Resumed:
+    """State from the newest checkpoint that verifies and restores; a damaged one is reported and set aside (or an
+    error with checkpoint.on_corrupt=error). No checkpoint: the fresh state and the start of the data stream."""
+    for step in ckpts.steps():
+        verdict = ckpts.verify(step)
+        if verdict.status == "damaged":
+            ckpts.reject(verdict)
+            continue
+        try:
+            data_start, same_processes = data_position(ckpts, step)
+            data_iterator = iter(loader(data_start))
+            restored = checkpoint.restore(ckpts.mngr, step, params=params, opt_state=opt_state,
+                                          data_iterator=data_iterator if same_processes else None)
+        except checkpoint.CheckpointError as e:
+            ckpts.reject(verdict._replace(status="damaged", detail=str(e)))
+            continue
+        return Resumed(step, restored["params"], restored["opt_state"], data_start, data_iterator,
+                       restored["meta"].get("config", {}))
+    return Resumed(0, params, opt_state, 0, iter(loader(0)), {})
 
 
 class MetricsLog:
@@ -137,36 +177,45 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def train(config: Config, workdir: str | Path) -> dict[str, Any]:
-    """Trains to `config.train.steps`, resuming from DIR if it holds a checkpoint; returns the last eval."""
+def check_disk_space(workdir: Path, params: Any, opt_state: Any) -> None:
+    """An error before training when the workdir's disk cannot hold one more checkpoint."""
+    needed = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)) if hasattr(x, "nbytes"))
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise OutputPathError(f"workdir {workdir} has {free / 2**20:.0f} MiB free, a checkpoint needs about "
+                              f"{needed / 2**20:.0f} MiB; free some space or choose another --workdir")
+
+
+def train(config: Config, workdir: str | Path, *, allow_config_change: bool = False) -> dict[str, Any]:
+    """Trains to `config.train.steps`, resuming from DIR if it holds a checkpoint; returns the last eval. Raises
+    Preempted after checkpointing the step reached when SIGTERM / SIGINT arrive (see StopSignal)."""
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
+    probe_folder(workdir, "workdir")
 
     init_meta = checkpoint.read_meta_at(config.train.init_from) if config.train.init_from else {}
     task = make_task(config, init_meta)
     config, cfg = task.config, task.config.train
-
-    if is_main:
-        save_config(config, workdir / "config.yaml")
+    ckpts = checkpoint.RunCheckpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints,
+                                      on_corrupt=config.checkpoint.on_corrupt)
     mesh = make_mesh(config.mesh)
     graphdef, params, opt_state, step_fn = setup_training(config, mesh)
+    check_disk_space(workdir, params, opt_state)
 
-    mngr = checkpoint.manager(workdir / "checkpoints", keep=cfg.keep_checkpoints)
-    start = mngr.latest_step() or 0
-    data_start, same_processes = data_position(mngr, start)
-    data_iterator = iter(task.loader(data_start))
+    state = resume(ckpts, task.loader, params, opt_state)
+    start, params, opt_state, data_iterator = state.step, state.params, state.opt_state, state.data_iterator
     if start:
-        restored = checkpoint.restore(mngr, start, params=params, opt_state=opt_state,
-                                      data_iterator=data_iterator if same_processes else None)
-        params, opt_state = restored["params"], restored["opt_state"]
-        log.info("resumed from %s at step %d", mngr.directory, start)
+        check_resume_config(state.saved_config, config, workdir, start, allow_change=allow_config_change,
+                            is_main=is_main)
+        log.info("resumed from step %d of %s", start, workdir)
     elif cfg.init_from:
         partial = bool(init_meta.get("partial"))
         params, _ = checkpoint.load_model(cfg.init_from, params, partial=partial)
         log.info("initialised %s from %s", "the parts it holds" if partial else "every parameter", cfg.init_from)
+    if is_main and not (start and (workdir / "config.yaml").exists()):
+        save_config(config, workdir / "config.yaml")
     meta = {"config": to_dict(config), **task.meta,
-            "data": {"start_step": data_start, "processes": jax.process_count()}}
+            "data": {"start_step": state.data_start, "processes": jax.process_count()}}
 
     lr_at = learning_rate(cfg)
     metrics_log = MetricsLog(workdir / "metrics.jsonl", is_main)
@@ -175,14 +224,15 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
 
     window: list[dict[str, float]] = []
     window_start = time.perf_counter()
-    last_eval: dict[str, Any] = {}
 
-    def record(step: int, metrics: dict[str, jax.Array]) -> None:
+    def record(step: int, metrics: dict[str, jax.Array]) -> bool:
+        """Logs a step's metrics; True when a process asked to stop at or before it (the same on every process)."""
         nonlocal window_start
         values = {k: float(v) for k, v in metrics.items()}
+        stop = values.pop("stop", 0.0) > 0
         if not math.isfinite(values["loss"]):
             raise NonFiniteLoss(f"loss is {values['loss']} at step {step}; stopping (newest checkpoint: "
-                                f"{mngr.latest_step()})")
+                                f"{ckpts.mngr.latest_step()}, intact)")
         window.append(values)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -193,54 +243,87 @@ def train(config: Config, workdir: str | Path) -> dict[str, Any]:
             metrics_log.write({"step": step, **mean, "lr": float(lr_at(step - 1)), "samples_per_s": throughput})
             window.clear()
             window_start = time.perf_counter()
+        return stop
+
+    def evaluate(step: int) -> dict[str, Any]:
+        """Runs after the step's checkpoint is committed: a failure loses no training, a rerun repeats only this."""
+        try:
+            result = {"step": step, **task.evaluate(graphdef, params, mesh)}
+        except UserError as e:
+            raise type(e)(f"evaluation at step {step} failed: {e}. The checkpoint of step {step} is saved: rerun "
+                          f"the same command to repeat only the evaluation") from e
+        if is_main:
+            (workdir / "eval").mkdir(exist_ok=True)
+            (workdir / "eval" / f"step_{step}.json").write_text(json.dumps(result, indent=2) + "\n")
+            metrics_log.write({f"eval_{k}" if k != "step" else k: v for k, v in result.items()})
+            bar.write(f"step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in result.items()
+                                                  if k.startswith(SHOWN_METRICS)))
+        return result
+
+    def eval_due(step: int) -> bool:
+        return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+
+    last_eval: dict[str, Any] = {}
+    if start and eval_due(start):  # the evaluation of the resumed step, unless it finished before the stop
+        done = workdir / "eval" / f"step_{start}.json"
+        last_eval = json.loads(done.read_text()) if done.exists() else evaluate(start)
 
     pending: tuple[int, dict[str, jax.Array]] | None = None
-    for step in range(start + 1, cfg.steps + 1):
-        batch = global_batch(next(data_iterator), mesh)
-        params, opt_state, metrics = step_fn(params, opt_state, batch, np.int32(step))
-        # Read the previous step's metrics only now, so the host never stalls the device queue.
-        if pending is not None:
-            record(*pending)
-        pending = (step, metrics)
-        save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
-        eval_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
-        if save_now or eval_now:
-            record(*pending)
-            pending = None
-        if eval_now:
-            last_eval = {"step": step, **task.evaluate(graphdef, params, mesh)}
-            if is_main:
-                (workdir / "eval").mkdir(exist_ok=True)
-                (workdir / "eval" / f"step_{step}.json").write_text(json.dumps(last_eval, indent=2) + "\n")
-                metrics_log.write({f"eval_{k}" if k != "step" else k: v for k, v in last_eval.items()})
-                bar.write(f"step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in last_eval.items()
-                                                      if k.startswith(SHOWN_METRICS)))
-        if save_now:
-            checkpoint.save(mngr, step, params=params, opt_state=opt_state, data_iterator=data_iterator,
-                            meta={**meta, "step": step})
-    mngr.wait_until_finished()
+    stopping = False  # agreed on by every process: read from a step's (replicated) metrics
+    with StopSignal() as stop_signal:
+        for step in range(start + 1, cfg.steps + 1):
+            host_batch = next(data_iterator)
+            host_batch["stop"] = np.full(len(next(iter(host_batch.values()))), stop_signal.received is not None,
+                                         np.int32)
+            params, opt_state, metrics = step_fn(params, opt_state, global_batch(host_batch, mesh), np.int32(step))
+            # Read the previous step's metrics only now, so the host never stalls the device queue.
+            if pending is not None:
+                stopping |= record(*pending)
+            pending = (step, metrics)
+            save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
+            if save_now or eval_due(step) or stopping:
+                stopping |= record(*pending)
+                pending = None
+            if save_now or stopping:
+                ckpts.save(step, params=params, opt_state=opt_state, data_iterator=data_iterator,
+                           meta={**meta, "step": step})
+            if stopping:
+                ckpts.close()
+                bar.close()
+                raise Preempted(step, stop_signal.received or signal.SIGTERM, ckpts.directory / str(step))
+            if eval_due(step):
+                ckpts.seal_committed(wait=True)
+                last_eval = evaluate(step)
+            ckpts.seal_committed()
+    ckpts.close()
     bar.close()
     return last_eval
 
 
+@errors.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxretrieval.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("--workdir", default=None, help="output folder (default: runs/<config name>)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even if model sizes, tokenizer or data order changed since the checkpoint")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    errors.add_verbose(parser)
+    args = errors.parse_args(parser, argv)
+    errors.configure_logging(args.verbose)
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
+    config = load_config(args.config, args.overrides)
+    if initialize_distributed(config.distributed) and jax.process_index() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one process reports progress
     try:
-        config = load_config(args.config, args.overrides)
-        if initialize_distributed(config.distributed) and jax.process_index() != 0:
-            logging.getLogger().setLevel(logging.WARNING)  # one process reports progress
-        result = train(config, workdir)
-    except (ConfigError, DataError, checkpoint.CheckpointError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        result = train(config, workdir, allow_config_change=args.allow_config_change)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return errors.EXIT_PREEMPTED
     if jax.process_index() == 0:
         print(json.dumps(result, indent=2))
+        print(f"outputs in {Path(workdir).absolute()}: config.yaml, metrics.jsonl, eval/, checkpoints/ (newest step "
+              f"{checkpoint.step_folders(Path(workdir) / 'checkpoints')[-1]})", file=sys.stderr)
     return 0
 
 

@@ -9,7 +9,11 @@ Process i gets JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT, JAX_NUM_PROCESSES=N, JAX_
 PYTHONUNBUFFERED=1 and, with --devices-per-process D, XLA_FLAGS=--xla_force_host_platform_device_count=D (after any
 XLA_FLAGS already set). It runs the train command, or the command given after `--`. Each output line is printed
 with an `[i] ` prefix. When a process fails the others are stopped and its exit code is returned (0 when all
-succeed). --dry-run prints each process's environment and command as a shell line instead.
+succeed). A process that exits with 75 (preempted: it checkpointed and stopped on SIGTERM / SIGINT) is not a failure:
+the launcher waits for the others, which stop at the same step, and returns 75. SIGTERM or SIGINT (Ctrl-C) to the
+launcher is passed on to every process once per signal received (the processes run in their own session, so a
+terminal's Ctrl-C reaches them only this way): the first makes them checkpoint and stop, a second stops them at once.
+--dry-run prints each process's environment and command as a shell line instead.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -66,7 +71,7 @@ def start(command: Sequence[str], envs: list[dict[str, str]]) -> tuple[list[subp
     for index, env in enumerate(envs):
         try:
             proc = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, errors="replace")
+                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
         except FileNotFoundError:
             stop(procs)
             raise LaunchError(f"{command[0]}: command not found", 127) from None
@@ -90,29 +95,46 @@ def stop(procs: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
             proc.wait()
 
 
+EXIT_PREEMPTED = 75  # jaxretrieval.errors.EXIT_PREEMPTED: checkpointed and stopped, rerun to resume
+
+
 def wait_first_failure(procs: Sequence[subprocess.Popen], poll: float = 0.05) -> int:
-    """Waits for every process; at the first non-zero exit, stops the rest and returns that code (0: all ok)."""
+    """Waits for every process; at the first failing exit, stops the rest and returns that code (0: all ok, 75: all
+    ended, some preempted)."""
     while True:
         codes = [proc.poll() for proc in procs]
-        failed = [(index, code) for index, code in enumerate(codes) if code not in (None, 0)]
+        failed = [(index, code) for index, code in enumerate(codes) if code not in (None, 0, EXIT_PREEMPTED)]
         if failed:
             index, code = failed[0]
             print(f"[launch] process {index} exited with code {code}; stopping the others", file=sys.stderr)
             stop(procs)
             return code if code > 0 else 128 - code  # killed by signal -code: 128 + signal, as a shell reports
-        if all(code == 0 for code in codes):
-            return 0
+        if all(code is not None for code in codes):
+            return EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0
         time.sleep(poll)
+
+
+def pass_on_signals(procs: Sequence[subprocess.Popen]) -> dict[int, object]:
+    """SIGTERM / SIGINT to the launcher: the same signal to every process still running. Returns the handlers it
+    replaced."""
+    def handler(signum: int, frame: object) -> None:
+        print(f"[launch] {signal.Signals(signum).name}: passing it on to the processes", file=sys.stderr)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 def launch(command: Sequence[str], envs: list[dict[str, str]]) -> int:
     """Starts one process per environment, forwards their output, and returns the first failure's exit code."""
     procs, threads = start(command, envs)
+    previous = pass_on_signals(procs)
     try:
         code = wait_first_failure(procs)
-    except KeyboardInterrupt:
-        stop(procs)
-        code = 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     for thread in threads:
         thread.join(timeout=5)
     return code
