@@ -116,7 +116,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def configure_logging(verbose: bool) -> None:
     """INFO from our loggers; the libraries' warnings (absl, orbax) only with -v."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not verbose:
         for name in ("absl", "orbax", "jax._src", "grain"):
             logging.getLogger(name).setLevel(logging.ERROR)

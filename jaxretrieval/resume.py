@@ -18,15 +18,16 @@ log = logging.getLogger("jaxretrieval.train")
 
 # Keys a resumed run cannot change: the parameter shapes (model sizes), the tokenizer, the optimizer state's form and
 # the data order (records, batch, seed). Regexes over dotted keys; remat only trades memory for compute.
-FROZEN_ON_RESUME = (r"model\.(?!.*remat$)", r"data\.(kind|root|train_file|tokenizer|num_instances|demo_.*)$",
-                    r"train\.(batch_size|seed|optimizer)$")
+DATA_ORDER = (r"data\.(kind|root|train_file|num_instances|demo_.*)$", r"train\.(batch_size|seed)$")
+FROZEN_ON_RESUME = (r"model\.(?!.*remat$)", r"data\.tokenizer$", r"train\.optimizer$", *DATA_ORDER)
 
 
 class Preempted(Exception):  # noqa: N818 -- not an error: the run stopped where it was asked to, checkpointed
-    def __init__(self, step: int, signum: int, checkpoint: Path):
+    def __init__(self, step: int, signum: int | None, checkpoint: Path):
         self.step, self.signum, self.checkpoint = step, signum, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; its checkpoint is {checkpoint}: "
-                         f"rerun the same command to resume")
+        cause = f"by {signal.Signals(signum).name}" if signum else "with the other processes (one received a signal)"
+        super().__init__(f"stopped {cause} after step {step}; its checkpoint is {checkpoint}: rerun the same command "
+                         f"to resume")
 
 
 class StopSignal:
@@ -77,14 +78,19 @@ def config_changes(saved: dict[str, Any], config: Config) -> list[tuple[str, Any
     return [(key, old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)]
 
 
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(re.match(pattern, key) for pattern in patterns)
+
+
 def check_resume_config(saved: dict[str, Any], config: Config, workdir: Path, step: int, *,
-                        allow_change: bool, is_main: bool) -> None:
+                        allow_change: bool, is_main: bool) -> bool:
     """Lists a changed config key by key; keys that cannot change mid-run are an error unless `allow_change`. The
-    earlier config.yaml is kept as config.step_N.yaml before the new one replaces it."""
+    earlier config.yaml is kept as config.step_N.yaml before the new one replaces it. Returns whether the data
+    order is the checkpoint's (else the stream restarts from the step with the new order)."""
     changes = config_changes(saved, config)
     if not changes:
-        return
-    frozen = [key for key, _, _ in changes if any(re.match(pattern, key) for pattern in FROZEN_ON_RESUME)]
+        return True
+    frozen = [key for key, _, _ in changes if _matches(key, FROZEN_ON_RESUME)]
     listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
     if frozen and not allow_change:
         raise ConfigError(f"{workdir} was trained to step {step} with another config, and {', '.join(frozen)} cannot "
@@ -93,3 +99,4 @@ def check_resume_config(saved: dict[str, Any], config: Config, workdir: Path, st
     if is_main and (workdir / "config.yaml").exists():
         os.replace(workdir / "config.yaml", workdir / f"config.step_{step}.yaml")
         save_config(config, workdir / "config.yaml")
+    return not any(_matches(key, DATA_ORDER) for key, _, _ in changes)

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -120,17 +119,15 @@ def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any,
     return graphdef, params, opt_state, step_fn
 
 
-def data_position(ckpts: checkpoint.RunCheckpoints, step: int) -> tuple[int, bool]:
-    """(global batch the data loader starts at, whether to restore its saved iterator state). On the process
-    count that wrote the checkpoint the iterator state is exact (skipped bad records included); on another the
-    stream continues from the checkpoint's step."""
-    if not step:
-        return 0, False
-    saved = checkpoint.read_meta(ckpts.mngr, step).get("data", {})
-    if saved.get("processes") == jax.process_count():
-        return saved["start_step"], True
+def data_position(saved: dict[str, Any], step: int) -> tuple[int, bool]:
+    """(global batch the data loader starts at, whether to restore its saved iterator state) from a checkpoint's
+    metadata. On the process count that wrote the checkpoint the iterator state is exact (skipped bad records
+    included); on another the stream continues from the checkpoint's step."""
+    data = saved.get("data", {})
+    if data.get("processes") == jax.process_count():
+        return data["start_step"], True
     log.info("checkpoint %d was written by %s processes, this run has %d: the data stream continues from its step",
-             step, saved.get("processes", "an unknown number of"), jax.process_count())
+             step, data.get("processes", "an unknown number of"), jax.process_count())
     return step, False
 
 
@@ -140,28 +137,33 @@ class Resumed(NamedTuple):
     opt_state: Any
     data_start: int
     data_iterator: Any
-    saved_config: dict[str, Any]
 
 
-def resume(ckpts: checkpoint.RunCheckpoints, loader: Callable[[int], Any], params: Any, opt_state: Any) -> Resumed:
-    """State from the newest checkpoint that verifies and restores; a damaged one is reported and set aside (or an
-    error with checkpoint.on_corrupt=error). No checkpoint: the fresh state and the start of the data stream."""
+def resume(ckpts: checkpoint.RunCheckpoints, loader: Callable[[int], Any], params: Any, opt_state: Any,
+           accept_config: Callable[[int, dict], bool]) -> Resumed:
+    """State from the newest checkpoint that verifies and restores. A damaged one (or an unsealed one that does not
+    read back) is reported and set aside, or an error with checkpoint.on_corrupt=error. `accept_config(step, saved
+    config)` raises for a config the run cannot resume with, and returns whether the data order is unchanged. No
+    checkpoint: the fresh state and the start of the data stream."""
     for step in ckpts.steps():
         verdict = ckpts.verify(step)
         if verdict.status == "damaged":
             ckpts.reject(verdict)
             continue
         try:
-            data_start, same_processes = data_position(ckpts, step)
+            saved = checkpoint.read_meta(ckpts.mngr, step)
+            same_order = accept_config(step, saved.get("config", {}))
+            data_start, exact = data_position(saved, step) if same_order else (step, False)
             data_iterator = iter(loader(data_start))
             restored = checkpoint.restore(ckpts.mngr, step, params=params, opt_state=opt_state,
-                                          data_iterator=data_iterator if same_processes else None)
+                                          data_iterator=data_iterator if exact else None)
         except checkpoint.CheckpointError as e:
-            ckpts.reject(verdict._replace(status="damaged", detail=str(e)))
+            if verdict.status == "ok":  # its files are as written: a mismatch with this run, not damage
+                raise
+            ckpts.reject(verdict._replace(status="damaged", detail=str(e).split("; check it with")[0]))
             continue
-        return Resumed(step, restored["params"], restored["opt_state"], data_start, data_iterator,
-                       restored["meta"].get("config", {}))
-    return Resumed(0, params, opt_state, 0, iter(loader(0)), {})
+        return Resumed(step, restored["params"], restored["opt_state"], data_start, data_iterator)
+    return Resumed(0, params, opt_state, 0, iter(loader(0)))
 
 
 class MetricsLog:
@@ -202,11 +204,12 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
     graphdef, params, opt_state, step_fn = setup_training(config, mesh)
     check_disk_space(workdir, params, opt_state)
 
-    state = resume(ckpts, task.loader, params, opt_state)
+    def accept_config(step: int, saved: dict) -> bool:
+        return check_resume_config(saved, config, workdir, step, allow_change=allow_config_change, is_main=is_main)
+
+    state = resume(ckpts, task.loader, params, opt_state, accept_config)
     start, params, opt_state, data_iterator = state.step, state.params, state.opt_state, state.data_iterator
     if start:
-        check_resume_config(state.saved_config, config, workdir, start, allow_change=allow_config_change,
-                            is_main=is_main)
         log.info("resumed from step %d of %s", start, workdir)
     elif cfg.init_from:
         partial = bool(init_meta.get("partial"))
@@ -290,7 +293,7 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
             if stopping:
                 ckpts.close()
                 bar.close()
-                raise Preempted(step, stop_signal.received or signal.SIGTERM, ckpts.directory / str(step))
+                raise Preempted(step, stop_signal.received, ckpts.directory / str(step))
             if eval_due(step):
                 ckpts.seal_committed(wait=True)
                 last_eval = evaluate(step)
