@@ -281,3 +281,24 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(demo_root, tm
     assert sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
     assert output.count(f"after step {step}; its checkpoint is") == 2, output[-3000:]
+
+
+def test_a_failed_checkpoint_write_is_an_error_and_keeps_the_earlier_ones(demo_root, tmp_path, monkeypatch):
+    real_save = checkpoint.save
+
+    def disk_full_at_12(mngr, step, **items):
+        if step == 12:
+            raise OSError(28, "No space left on device")
+        real_save(mngr, step, **items)
+
+    monkeypatch.setattr(checkpoint, "save", disk_full_at_12)
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step 12 to .*12 failed .*No space left.*intact"):
+        train.train(run_config(demo_root), tmp_path)
+    assert [(v.step, v.status) for v in checkpoint.verify_folder(tmp_path)] == [(4, "ok"), (8, "ok")]
+
+
+def test_a_workdir_without_room_for_a_checkpoint_is_an_error_before_training(demo_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(train.OutputPathError, match=f"workdir {tmp_path} has 0 MiB free, a checkpoint needs about"):
+        train.train(run_config(demo_root), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not checkpoint.step_folders(tmp_path / "checkpoints")
