@@ -22,23 +22,26 @@ def find_demo_config() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxretrieval import evaluate, train
+    from jaxretrieval import errors, evaluate, train
     from jaxretrieval.retrieval import recall_table
 
     parser = argparse.ArgumentParser(prog="python -m jaxretrieval.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
-    args = parser.parse_args(argv)
+    args = errors.parse_args(parser, argv)
     config = str(find_demo_config())
     train_args = ["--config", config, "--workdir", args.workdir, *args.overrides]
-    if train.main(train_args) != 0:
-        return 1
+    status = train.main(train_args)
+    if status != 0:
+        return status  # 2: an error, 75: preempted (rerun to resume)
     output = Path(args.workdir) / "eval" / "final.json"
-    if evaluate.main(["--config", config, "--checkpoint", args.workdir, "--output", str(output),
-                      *args.overrides]) != 0:
-        return 1
+    status = evaluate.main(["--config", config, "--checkpoint", args.workdir, "--output", str(output),
+                            *args.overrides])
+    if status != 0:
+        return status
     print()
     print(recall_table(json.loads(output.read_text())))
+    print(f"outputs in {Path(args.workdir).absolute()}; the recall table is in {output}", file=sys.stderr)
     return 0
 
 

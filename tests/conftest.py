@@ -7,12 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from jaxretrieval.config import Config, load_config
-from jaxretrieval.data.demo import generate_demo
-
 REPO = Path(__file__).resolve().parents[1]
+# One persistent compilation cache for the suite and the subprocesses it starts: the same tiny models are compiled
+# by many tests, each in a fresh jit (or a fresh interpreter). Set before jax is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402
+
+from jaxretrieval.config import Config, load_config  # noqa: E402
+from jaxretrieval.data.demo import generate_demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
