@@ -16,6 +16,26 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
+IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+INSTALL = ('pip install -e ".[test]" -c constraints-test.txt && pip install --no-deps torchscale==0.3.0 '
+           'fairscale==0.4.13')
+_importorskip = pytest.importorskip
+
+
+def importorskip(modname: str, *args, **kwargs):
+    """pytest.importorskip, except that in CI (CI=true) a missing reference package fails the run instead of
+    silently skipping its parity tests; locally the skip names the install command."""
+    try:
+        return _importorskip(modname, *args, **kwargs)
+    except pytest.skip.Exception as e:
+        message = f"reference package '{modname}' is missing ({e.msg}); install the test dependencies: {INSTALL}"
+        if IN_CI:
+            pytest.fail(f"CI: {message}", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+
+
+pytest.importorskip = importorskip
+
 from jaxretrieval.config import Config, load_config  # noqa: E402
 from jaxretrieval.data.demo import generate_demo  # noqa: E402
 
