@@ -185,9 +185,11 @@ def test_demo_learns_held_out_identities_with_and_without_centroids(tmp_path):
     graphdef, params, _, _ = setup_training(task.config, mesh)
     untrained = task.evaluate(graphdef, params, mesh)
     trained = train(config, tmp_path / "run")
-    for prefix in ("", "centroid_"):
-        assert trained[f"{prefix}mAP"] > untrained[f"{prefix}mAP"] + 15, (prefix, untrained, trained)
-        assert trained[f"{prefix}R1"] > untrained[f"{prefix}R1"] + 15
+    # Gates at about half of the gains this run reaches (mAP 5.5 -> 29.9, R1 1.4 -> 24.7; centroids mAP
+    # 24.7 -> 76.4, R1 12.3 -> 67.1), so a real regression fails.
+    gains = {"mAP": 12, "R1": 12, "centroid_mAP": 26, "centroid_R1": 27}
+    for key, gain in gains.items():
+        assert trained[key] > untrained[key] + gain, (key, untrained, trained)
     assert trained["centroid_mAP"] >= trained["mAP"]  # centroids help, as the paper reports
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.model.num_classes == 32  # taken from the training split

@@ -1,4 +1,5 @@
-"""The README's first quick-start command, run as a user would: it must train, evaluate and beat chance."""
+"""The README's first quick-start command, run as a user would: it must train, evaluate and reach at least half
+the recall the README reports."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from conftest import REPO
 
 
-def test_demo_command_trains_and_beats_chance_tenfold(tmp_path):
+def test_demo_command_reaches_half_the_readme_recall(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "jaxretrieval.demo", "--workdir", "runs/demo"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=1200)
@@ -18,6 +19,6 @@ def test_demo_command_trains_and_beats_chance_tenfold(tmp_path):
     metrics = json.loads((tmp_path / "runs" / "demo" / "eval" / "final.json").read_text())
     assert (metrics["num_images"], metrics["num_texts"]) == (200, 600)
     assert metrics["step"] == 300
-    chance = 100.0 / metrics["num_images"]
-    assert metrics["t2i_R1"] >= 10 * chance, metrics
+    # The README's table: t2i R@1 66.5, i2t R@1 65.5 (chance 0.5); the gate is about half of that.
+    assert metrics["t2i_R1"] >= 33 and metrics["i2t_R1"] >= 32, metrics
     assert "text -> image" in result.stdout and "image -> text" in result.stdout

@@ -48,8 +48,9 @@ def test_small_config_improves_text_to_image_retrieval(trained):
     # 256 images x 3 captions = 768 records / batch 32 = 24 steps an epoch, 4 epochs.
     assert result["step"] == 96
     assert yaml.safe_load((workdir / "config.yaml").read_text())["train"]["steps"] == 96
-    assert result["mAP"] > untrained["mAP"] + 15, (untrained, result)
-    assert result["R5"] > untrained["R5"] + 15, (untrained, result)
+    # Gates at about half of the gains this run reaches (mAP 13.4 -> 57.8, R5 17.7 -> 86.5, R1 2.1 -> 39.6).
+    for key, gain in {"mAP": 22, "R5": 34, "R1": 18}.items():
+        assert result[key] > untrained[key] + gain, (key, untrained, result)
 
 
 def test_predict_on_a_query_file_and_gallery_folder_agrees_with_evaluate(trained, demo_root, tmp_path, capsys):
