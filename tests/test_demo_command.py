@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_demo_command_reaches_half_the_readme_recall(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "jaxretrieval.demo", "--workdir", "runs/demo"], cwd=tmp_path,

@@ -69,6 +69,7 @@ def logged(workdir) -> dict[int, dict]:
             if "loss" in record}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_resume_on_four_devices(demo_root, tmp_path):
     """Two processes x one device take the same steps as one process x two devices (one global data order, the
     same global batches); their step-3 checkpoint resumes on one process x four devices and continues the run."""

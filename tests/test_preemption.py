@@ -93,6 +93,7 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 240) -> None:
     process.wait()
 
 
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_and_after_a_commit_resumes_bit_identical(demo_root, tmp_path):
     """kill -9 while orbax writes a step (its temporary folder exists), then again right after a commit: each
     restart resumes from the newest committed step, and the run ends with the uninterrupted run's parameters."""
@@ -257,6 +258,7 @@ def test_unwritable_workdir_is_an_error_before_training(demo_root, tmp_path, cap
     assert f"workdir {blocker / 'run'}" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(demo_root, tmp_path):
     """launch/local.py, 2 processes x 1 device; SIGTERM to process 1 only: both checkpoint the same step (each
     writes its data position into it) and the launcher exits 75."""

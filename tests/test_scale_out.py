@@ -25,6 +25,8 @@ from jaxretrieval.config import load_config
 from jaxretrieval.sharding import global_batch, make_mesh, path_name
 from jaxretrieval.train import setup_training
 
+pytestmark = pytest.mark.slow  # 8 simulated devices in fresh interpreters
+
 SIGMOID = ["train.loss=sigmoid", "model.init_logit_scale=2.3026", "model.init_logit_bias=-10"]
 RUNS = {{
     "clip/dp": ("clip", ["mesh.data=8"]),

@@ -71,6 +71,7 @@ def twenty_steps(demo_root, tmp_path_factory):
     return overrides, run_in_subprocess(tmp_path_factory.mktemp("one_device"), overrides, devices=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["data", "data+fsdp"])
 def test_eight_devices_match_one_device(twenty_steps, tmp_path, layout):
     overrides, reference = twenty_steps
