@@ -13,6 +13,8 @@ from conftest import run_python
 
 from jaxretrieval.config import ConfigError, load_config
 
+pytestmark = pytest.mark.slow  # 8 simulated devices in fresh interpreters
+
 STEPS = 20  # data parallel against FSDP (+ tensor)
 VARIANT_STEPS = 6  # the loss variants, each also checked alone in test_distributed_losses
 
@@ -24,8 +26,6 @@ from test_gradients import MODELS
 from jaxretrieval.config import load_config
 from jaxretrieval.sharding import global_batch, make_mesh, path_name
 from jaxretrieval.train import setup_training
-
-pytestmark = pytest.mark.slow  # 8 simulated devices in fresh interpreters
 
 SIGMOID = ["train.loss=sigmoid", "model.init_logit_scale=2.3026", "model.init_logit_bias=-10"]
 RUNS = {{
