@@ -1,8 +1,11 @@
-"""Centroids-ReID conversion: a Lightning checkpoint of the original CTL arrangement and torchvision ResNet-50 weights
-give our models the original's features; malformed state dicts are refused by key."""
+"""Centroids-ReID conversion against PyTorch models written from the published definitions: Lightning checkpoints of
+the original CTLModel around torchvision's ResNet-50 and IBN-Net's ResNet-50-IBN-a, converted by `python -m convert ctl`
+and loaded by `jaxretrieval.load`, give the original's features and embeddings; ImageNet backbones of both kinds
+initialise ours; malformed state dicts are refused by key."""
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 from collections.abc import Callable
@@ -17,30 +20,111 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 nn = torch.nn
 
+import jaxretrieval  # noqa: E402
 from convert import ConvertError  # noqa: E402
-from convert.ctl import (  # noqa: E402
-    ctl_layout,
-    infer_ctl_sizes,
-    params_from_lightning,
-    params_from_torchvision,
-    read_state,
-)
+from convert.__main__ import main as convert_main  # noqa: E402
+from convert.ctl import infer_ctl_sizes, params_from_lightning, params_from_torchvision, read_state  # noqa: E402
+from jaxretrieval.evaluate import saved_config  # noqa: E402
 from jaxretrieval.models.ctl import CTLModel  # noqa: E402
 from jaxretrieval.models.resnet import FrozenParam, ResNet  # noqa: E402
 
 NUM_CLASSES = 7
+IMAGE_SIZE = (64, 32)
+# README (Convert > Centroids-ReID): f, bn(f) and logits within this of the original, relative to their magnitude
+# (random running statistics put ResNet-50's activations in the hundreds, where float32 resolves ~1e-5).
+RELATIVE_TOL = 2e-6
+EMBEDDING_TOL = 1e-6  # README: the L2-normalised embeddings, absolute
 
 
 def randomise_norms(module: nn.Module, seed: int) -> None:
-    """Random affine batch norms and running statistics, so eval mode is not the identity."""
+    """Random affine norms and running statistics, so eval mode is not the identity."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.InstanceNorm2d):
                 m.weight.uniform_(0.5, 1.5, generator=g)
                 m.bias.normal_(0, 0.1, generator=g)
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1, generator=g)
                 m.running_var.uniform_(0.5, 1.5, generator=g)
+
+
+# ResNet-IBN-a as IBN-Net publishes it (XingangPan/IBN-Net; Centroids-ReID's modelling/backbones/resnet_ibn_a.py):
+# the stem keeps its ReLU, and in layers 1-3 (not in layer 4, whose planes are 512) every bottleneck's first norm is an
+# IBN: InstanceNorm2d(affine=True) on the first half of the channels, BatchNorm2d on the rest. Written here in torch,
+# with a width knob for the small state dicts below; `ibn=False` is the plain bottleneck ResNet of the same keys.
+
+
+class IBN(nn.Module):
+    def __init__(self, planes: int):
+        super().__init__()
+        self.half = planes // 2
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(planes - self.half)
+
+    def forward(self, x):
+        first, rest = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
+        return torch.cat([self.IN(first.contiguous()), self.BN(rest.contiguous())], dim=1)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, ibn: bool, stride: int, downsample: nn.Module | None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn1 = IBN(planes) if ibn else nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNetIBNa(nn.Module):
+    def __init__(self, layers=(3, 4, 6, 3), width: int = 64, last_stride: int = 1, ibn: bool = True):
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        for i, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, last_stride), strict=True)):
+            setattr(self, f"layer{i + 1}", self._make_layer(width * 2**i, blocks, stride, ibn and i < 3))
+        self.fc = nn.Linear(width * 8 * Bottleneck.expansion, 1000)  # ImageNet head: in the state dict, unused
+        for m in self.modules():  # IBN-Net's initialisation of the convolutions
+            if isinstance(m, nn.Conv2d):
+                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+
+    def _make_layer(self, planes: int, blocks: int, stride: int, ibn: bool) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * Bottleneck.expansion))
+        stage = [Bottleneck(self.inplanes, planes, ibn, stride, downsample)]
+        self.inplanes = planes * Bottleneck.expansion
+        stage += [Bottleneck(self.inplanes, planes, ibn, 1, None) for _ in range(1, blocks)]
+        return nn.Sequential(*stage)
+
+    def forward(self, x):
+        """The feature map (the original comments out the pooling and the head)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def resnet50_ibn_a(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = ResNetIBNa()
+    randomise_norms(model, seed)
+    return model.eval()
 
 
 def torchvision_resnet50(*, stem_relu: bool, seed: int) -> nn.Module:
@@ -58,6 +142,8 @@ def torchvision_resnet50(*, stem_relu: bool, seed: int) -> nn.Module:
 
 def feature_map(base: nn.Module, x):
     """The original ResNet.forward: everything before the pooling and ImageNet head."""
+    if isinstance(base, ResNetIBNa):
+        return base(x)
     x = base.maxpool(base.relu(base.bn1(base.conv1(x))))
     return base.layer4(base.layer3(base.layer2(base.layer1(x))))
 
@@ -65,22 +151,33 @@ def feature_map(base: nn.Module, x):
 class TorchCTL(nn.Module):
     """The modules of the original CTLModel whose weights its checkpoints hold, under the same names."""
 
-    def __init__(self, base: nn.Module, num_classes: int):
+    def __init__(self, base: nn.Module, num_classes: int, seed: int = 5):
         super().__init__()
-        del base.fc  # the original ResNet has no ImageNet head
+        if not isinstance(base, ResNetIBNa):
+            del base.fc  # the original's plain ResNet has no ImageNet head; its ResNet_IBN keeps one
+        features = base.layer4[0].conv3.out_channels
         self.backbone = nn.Module()
         self.backbone.base = base
-        self.bn = nn.BatchNorm1d(2048)
+        self.bn = nn.BatchNorm1d(features)
         self.bn.bias.requires_grad_(False)
-        self.fc_query = nn.Linear(2048, num_classes, bias=False)
+        self.fc_query = nn.Linear(features, num_classes, bias=False)
         self.center_loss = nn.Module()
-        self.center_loss.centers = nn.Parameter(torch.randn(num_classes, 2048))
-        randomise_norms(self.bn, 5)
+        self.center_loss.centers = nn.Parameter(torch.randn(num_classes, features))
+        randomise_norms(self.bn, seed)
 
     def forward(self, x):
         f = feature_map(self.backbone.base, x).mean((2, 3))
         neck = self.bn(f)
         return f, neck, self.fc_query(neck)
+
+
+def save_lightning(reference: TorchCTL, path, backbone_name: str) -> None:
+    """As Lightning writes the original's checkpoints (the yacs config as plain dicts here)."""
+    hyper_parameters = {"MODEL": {"NAME": backbone_name, "LAST_STRIDE": 1, "BACKBONE_EMB_SIZE": 2048},
+                        "num_classes": NUM_CLASSES}
+    torch.save({"epoch": 119, "global_step": 1000, "pytorch-lightning_version": "1.1.4",
+                "state_dict": reference.state_dict(), "optimizer_states": [], "lr_schedulers": [],
+                "hyper_parameters": hyper_parameters}, path)
 
 
 def ported(make: Callable[[], nnx.Module], pure: dict) -> nnx.Module:
@@ -90,75 +187,89 @@ def ported(make: Callable[[], nnx.Module], pure: dict) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
-def images(batch: int = 2, height: int = 64, width: int = 32):
+def images(batch: int = 2, height: int = IMAGE_SIZE[0], width: int = IMAGE_SIZE[1]):
     x = np.random.default_rng(0).normal(size=(batch, 3, height, width)).astype(np.float32)
     return torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
 
 
 def scaled_diff(ours, theirs) -> float:
-    """max |ours - theirs| / max(1, max |theirs|). Random running statistics leave ResNet-50's activations in the
-    hundreds, where float32 itself resolves ~1e-5; we measured 6e-7 to 1.2e-6."""
+    """max |ours - theirs| / max(1, max |theirs|)."""
     theirs = np.asarray(theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else theirs)
     return float(np.abs(np.asarray(ours) - theirs).max() / max(1.0, np.abs(theirs).max()))
 
 
-def test_lightning_checkpoint_gives_the_original_features(tmp_path) -> None:
-    reference = TorchCTL(torchvision_resnet50(stem_relu=False, seed=0), NUM_CLASSES).eval()
-    path = tmp_path / "epoch=119.ckpt"
-    torch.save({"epoch": 119, "global_step": 1000, "pytorch-lightning_version": "1.1.4",
-                "state_dict": reference.state_dict(), "optimizer_states": [], "lr_schedulers": []}, path)
+BACKBONES = {"resnet50": lambda seed: torchvision_resnet50(stem_relu=False, seed=seed),
+             "resnet50_ibn_a": resnet50_ibn_a}
 
-    state = read_state(path)
-    sizes = infer_ctl_sizes(state)
-    assert sizes == {"num_classes": NUM_CLASSES, "layers": (3, 4, 6, 3), "width": 64, "ibn": False,
-                     "stem_relu": False, "last_stride": 1}
-    model = ported(lambda: CTLModel(**sizes, rngs=nnx.Rngs(0)), params_from_lightning(state))
-    assert isinstance(model.neck.bias, FrozenParam)
-    np.testing.assert_array_equal(model.neck.bias[...], reference.bn.bias.detach().numpy())
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_lightning_checkpoint_gives_the_original_features(backbone: str, tmp_path) -> None:
+    """`python -m convert ctl` on the saved .ckpt, then `jaxretrieval.load`, against the PyTorch model in eval mode."""
+    reference = TorchCTL(BACKBONES[backbone](0), NUM_CLASSES).eval()
+    src, out = tmp_path / "epoch=119.ckpt", tmp_path / "converted"
+    save_lightning(reference, src, backbone)
+    assert convert_main(["ctl", str(src), str(out), "--input-size", *map(str, IMAGE_SIZE)]) == 0
+
+    config = saved_config(out).model
+    ibn = backbone == "resnet50_ibn_a"
+    assert (config.name, config.family, config.num_classes) == (f"{backbone}_ctl", "ctl", NUM_CLASSES)
+    assert (tuple(config.resnet.layers), config.resnet.width, config.resnet.ibn) == ((3, 4, 6, 3), 64, ibn)
+    assert (config.resnet.stem_relu, config.resnet.last_stride) == (ibn, 1)
+    model, preprocess, tokenizer = jaxretrieval.load(out)
+    assert tokenizer is None and tuple(preprocess.size) == IMAGE_SIZE
+    assert isinstance(model.module.neck.bias, FrozenParam)
+    np.testing.assert_array_equal(model.module.neck.bias[...], reference.bn.bias.detach().numpy())
 
     x_torch, x = images()
-    got = nnx.jit(lambda model, x: model(x, train=False))(model, x)
+    got = nnx.jit(lambda module, x: module(x, train=False))(model.module, x)
+    embedding = model.encode_image(x, normalize=True)
     with torch.no_grad():
         features, neck, logits = reference(x_torch)
-    assert scaled_diff(got["features"], features) < 1e-5
-    assert scaled_diff(got["neck"], neck) < 1e-5
-    assert scaled_diff(got["logits"], logits) < 1e-5
-    # The retrieval embedding, L2-normalised bn(f): within 1e-4 absolute (measured ~1e-6).
-    embedding = nnx.jit(lambda model, x: model.encode_image(x))(model, x)
     want = torch.nn.functional.normalize(neck, dim=1).numpy()
-    assert np.abs(np.asarray(embedding) - want).max() < 1e-4
+    diffs = {"features": scaled_diff(got["features"], features), "neck": scaled_diff(got["neck"], neck),
+             "logits": scaled_diff(got["logits"], logits)}
+    embedding_diff = float(np.abs(np.asarray(embedding) - want).max())
+    print(f"{backbone}: relative {diffs}, embedding max |diff| {embedding_diff:.1e}, "
+          f"max |f| {features.abs().max():.0f}")
+    assert min(float(features.abs().max()), float(neck.abs().max())) > 1  # not a degenerate comparison
+    assert np.abs(want[0] - want[1]).max() > 1e-3  # the two images embed apart
+    assert max(diffs.values()) <= RELATIVE_TOL, diffs
+    assert embedding_diff <= EMBEDDING_TOL
 
 
-def test_torchvision_resnet50_weights_initialise_the_backbone() -> None:
-    reference = torchvision_resnet50(stem_relu=True, seed=1)
+@pytest.mark.parametrize("backbone", ["torchvision", "ibn_net"])
+def test_imagenet_resnet50_weights_initialise_the_backbone(backbone: str) -> None:
+    """torchvision's and IBN-Net's ImageNet ResNet-50 state dicts (ImageNet head and all) -> our ResNet."""
+    ibn = backbone == "ibn_net"
+    reference = resnet50_ibn_a(seed=1) if ibn else torchvision_resnet50(stem_relu=True, seed=1)
     state = {k: v.numpy() for k, v in reference.state_dict().items()}
-    model = ported(lambda: ResNet(stem_relu=True, rngs=nnx.Rngs(0)), params_from_torchvision(state))
+    model = ported(lambda: ResNet(stem_relu=True, ibn=ibn, rngs=nnx.Rngs(0)), params_from_torchvision(state))
     x_torch, x = images()
     got = nnx.jit(lambda model, x: model(x, train=False))(model, x)
     with torch.no_grad():
         want = feature_map(reference, x_torch).permute(0, 2, 3, 1)
     assert got.shape == (2, 4, 2, 2048)
-    assert scaled_diff(got, want) < 1e-5
+    assert scaled_diff(got, want) <= RELATIVE_TOL
 
 
-def fake_state(num_classes: int, layers: tuple[int, ...], width: int, ibn: bool) -> dict[str, np.ndarray]:
-    """A CTL state dict with every key the original writes (IBN-a's unused ImageNet head and the batch counters
-    included), random values of the right shapes."""
-    rng = np.random.default_rng(0)
-    state = {key: rng.normal(size=shape).astype(np.float32)
-             for key, (_, shape) in ctl_layout(num_classes, layers, width, ibn).items()}
-    for key in list(state):
-        if key.endswith(".running_var"):
-            state[key.replace("running_var", "num_batches_tracked")] = np.asarray(3)
-    if ibn:
-        state["backbone.base.fc.weight"] = np.zeros((1000, width * 32), np.float32)
-        state["backbone.base.fc.bias"] = np.zeros((1000,), np.float32)
-    return state
+def original_state(num_classes: int, layers: tuple[int, ...], width: int, ibn: bool) -> dict[str, np.ndarray]:
+    """The state dict the original writes for a small CTLModel (its ResNet_IBN keeps the unused ImageNet head and
+    the batch-norm counters are included), from the PyTorch modules above, not from the converter's layout."""
+    torch.manual_seed(0)
+    base = ResNetIBNa(layers, width, ibn=ibn)
+    if not ibn:
+        del base.fc
+    model = TorchCTL(base, num_classes)
+    randomise_norms(model, 1)
+    return {key: value.detach().numpy().copy() for key, value in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("ibn", [False, True])
 def test_converted_tree_is_the_model_state(ibn: bool) -> None:
-    state = fake_state(5, (2, 1, 3, 1), 8, ibn)
+    state = original_state(5, (2, 1, 3, 1), 8, ibn)
+    assert ("backbone.base.layer3.2.bn1.IN.weight" in state) == ibn
+    assert ("backbone.base.fc.weight" in state) == ibn
+    assert "backbone.base.layer4.0.bn1.running_mean" in state  # layer 4 is plain in IBN-a too
     sizes = infer_ctl_sizes(state)
     assert sizes == {"num_classes": 5, "layers": (2, 1, 3, 1), "width": 8, "ibn": ibn, "stem_relu": ibn,
                      "last_stride": 1}
@@ -169,7 +280,13 @@ def test_converted_tree_is_the_model_state(ibn: bool) -> None:
     layer1 = converted["backbone"]["layer1"][0]["bn1"]
     assert set(layer1) == ({"IN", "BN"} if ibn else {"scale", "bias", "mean", "var"})
     if ibn:  # InstanceNorm on the first half of the channels, BatchNorm on the rest; layer 4 plain
-        assert layer1["IN"]["scale"].shape == layer1["BN"]["scale"].shape == (4,)
+        key = "backbone.base.layer1.0.bn1"
+        for ours, theirs in [(layer1["IN"]["scale"], f"{key}.IN.weight"), (layer1["IN"]["bias"], f"{key}.IN.bias"),
+                             (layer1["BN"]["scale"], f"{key}.BN.weight"), (layer1["BN"]["bias"], f"{key}.BN.bias"),
+                             (layer1["BN"]["mean"], f"{key}.BN.running_mean"),
+                             (layer1["BN"]["var"], f"{key}.BN.running_var")]:
+            assert ours.shape == (4,)
+            np.testing.assert_array_equal(ours, state[theirs])
         assert "scale" in converted["backbone"]["layer4"][0]["bn1"]
     np.testing.assert_array_equal(converted["classifier"]["kernel"], state["fc_query.weight"].T)
     np.testing.assert_array_equal(converted["backbone"]["layer2"][0]["conv2"]["kernel"],
@@ -195,7 +312,7 @@ def test_lightning_1_1_checkpoint_with_hyper_parameters_is_read(tmp_path, monkey
     callback = importable_class(monkeypatch, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
     model = cfg_node(NAME="resnet50", LAST_STRIDE=1)
     model.__dict__["__immutable__"] = False
-    state = fake_state(5, (1, 1, 1, 1), 8, False)
+    state = original_state(5, (1, 1, 1, 1), 8, False)
     path = tmp_path / "epoch=119.ckpt"
     torch.save({"epoch": 119, "state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()},
                 "hyper_parameters": attribute_dict(MODEL=model, num_classes=5),
@@ -217,15 +334,15 @@ def test_lightning_1_1_checkpoint_with_hyper_parameters_is_read(tmp_path, monkey
      r"'backbone.base.layer1.0.conv2.weight' has shape \(8, 8, 1, 1\), expected \(8, 8, 3, 3\)"),
 ])
 def test_malformed_lightning_state_is_refused_by_key(change, message: str) -> None:
-    state = fake_state(5, (1, 1, 1, 1), 8, False)
+    state = original_state(5, (1, 1, 1, 1), 8, False)
     change(state)
     with pytest.raises(ConvertError, match=message):
         params_from_lightning(state)
 
 
 def test_malformed_torchvision_state_is_refused_by_key() -> None:
-    state = {key.removeprefix("backbone.base."): value for key, value in fake_state(5, (1, 1, 1, 1), 8, False).items()
-             if key.startswith("backbone.base.")}
+    state = {key.removeprefix("backbone.base."): value
+             for key, value in original_state(5, (1, 1, 1, 1), 8, False).items() if key.startswith("backbone.base.")}
     params_from_torchvision({**state, "fc.weight": np.zeros((1000, 256)), "fc.bias": np.zeros(1000)})
     with pytest.raises(ConvertError, match="unexpected key 'avgpool.weight'"):
         params_from_torchvision({**state, "avgpool.weight": np.zeros(1)})

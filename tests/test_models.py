@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from jaxretrieval.config import from_dict, load_config
+from jaxretrieval.config import load_config
 from jaxretrieval.models import abstract_model
 
 # ours -> open_clip model config name
@@ -219,114 +221,57 @@ def test_logit_scale_is_clamped(tiny) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Numeric parity with open_clip, random weights, a small custom configuration
+# Numeric parity with open_clip, through `convert`: a random-weight open_clip CLIP of a small custom configuration,
+# saved as open_clip releases it on the hub (open_clip_model.safetensors + open_clip_config.json), converted by
+# `python -m convert clip`, loaded by `jaxretrieval.load`. README: embeddings within 1e-4 (fp32).
 
 EMBED, VISION_WIDTH, PATCH, IMAGE, HEAD_WIDTH, LAYERS = 32, 64, 8, 32, 32, 2
-CONTEXT, VOCAB, TEXT_WIDTH, TEXT_HEADS = 16, 100, 64, 2
-
-
-def open_clip_to_params(state_dict: dict, layers: int, text_layers: int) -> dict:
-    """open_clip CLIP state_dict (torch tensors) -> our parameter dict (nnx pure dict layout)."""
-
-    def a(name: str) -> np.ndarray:
-        return state_dict[name].detach().cpu().numpy().astype(np.float32)
-
-    def linear(prefix: str) -> dict:  # torch Linear weight is (out, in); our kernel is (in, out)
-        return {"kernel": a(f"{prefix}.weight").T, "bias": a(f"{prefix}.bias")}
-
-    def norm(prefix: str) -> dict:
-        return {"scale": a(f"{prefix}.weight"), "bias": a(f"{prefix}.bias")}
-
-    def blocks(prefix: str, n: int) -> dict:
-        out = {}
-        for i in range(n):
-            b = f"{prefix}.resblocks.{i}"
-            out[i] = {
-                "ln_1": norm(f"{b}.ln_1"),
-                "attn": {
-                    "qkv": {"kernel": a(f"{b}.attn.in_proj_weight").T, "bias": a(f"{b}.attn.in_proj_bias")},
-                    "out": linear(f"{b}.attn.out_proj"),
-                },
-                "ln_2": norm(f"{b}.ln_2"),
-                "mlp": {"fc": linear(f"{b}.mlp.c_fc"), "proj": linear(f"{b}.mlp.c_proj")},
-            }
-        return {"blocks": out}
-
-    conv = a("visual.conv1.weight")  # (width, 3, p, p) -> kernel over flattened (ph, pw, c) patches
-    width = conv.shape[0]
-    return {
-        "logit_scale": a("logit_scale"),
-        "visual": {
-            "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, width)},
-            "class_embedding": a("visual.class_embedding"),
-            "positional_embedding": a("visual.positional_embedding"),
-            "ln_pre": norm("visual.ln_pre"),
-            "transformer": blocks("visual.transformer", layers),
-            "ln_post": norm("visual.ln_post"),
-            "proj": a("visual.proj"),
-        },
-        "text": {
-            "token_embedding": {"embedding": a("token_embedding.weight")},
-            "positional_embedding": a("positional_embedding"),
-            "transformer": blocks("transformer", text_layers),
-            "ln_final": norm("ln_final"),
-            "text_projection": a("text_projection"),
-        },
-    }
+CONTEXT, VOCAB, TEXT_WIDTH, TEXT_HEADS, TEXT_LAYERS = 16, 100, 64, 2, 3
+PARITY_TOL = 1e-4
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
-def test_numeric_parity_with_open_clip(activation: str) -> None:
+@pytest.mark.filterwarnings("ignore:the text tower has:UserWarning")
+def test_numeric_parity_with_open_clip(activation: str, tmp_path) -> None:
     torch = pytest.importorskip("torch")
     pytest.importorskip("open_clip")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
     from open_clip.model import CLIP as TorchCLIP
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
+    import jaxretrieval
+    from convert.__main__ import main as convert_main
+    from jaxretrieval.evaluate import saved_config
+
+    model_cfg = {
+        "embed_dim": EMBED,
+        "quick_gelu": activation == "quick_gelu",
+        "vision_cfg": {"image_size": IMAGE, "layers": LAYERS, "width": VISION_WIDTH, "patch_size": PATCH,
+                       "head_width": HEAD_WIDTH},
+        "text_cfg": {"context_length": CONTEXT, "vocab_size": VOCAB, "width": TEXT_WIDTH, "heads": TEXT_HEADS,
+                     "layers": TEXT_LAYERS},
+    }
     torch.manual_seed(0)
-    reference = TorchCLIP(
-        embed_dim=EMBED,
-        vision_cfg=CLIPVisionCfg(
-            layers=LAYERS, width=VISION_WIDTH, patch_size=PATCH, image_size=IMAGE, head_width=HEAD_WIDTH
-        ),
-        text_cfg=CLIPTextCfg(
-            context_length=CONTEXT, vocab_size=VOCAB, width=TEXT_WIDTH, heads=TEXT_HEADS, layers=LAYERS
-        ),
-        quick_gelu=activation == "quick_gelu",
-    ).eval()
+    reference = TorchCLIP(**model_cfg).eval()
     with torch.no_grad():  # random everything: non-zero biases, non-unit norm gains, so no mapping hides
         for name, p in reference.named_parameters():
             if name != "logit_scale":
                 p.add_(0.1 * torch.randn_like(p))
         reference.logit_scale.fill_(2.0)
+    release = tmp_path / "release"
+    release.mkdir()
+    safetensors_torch.save_file(reference.state_dict(), str(release / "open_clip_model.safetensors"))
+    (release / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {"mean": MEAN, "std": STD}}))
 
-    config = from_dict(
-        {
-            "model": {
-                "name": "tiny",
-                "embed_dim": EMBED,
-                "activation": activation,
-                "image": {
-                    "image_size": IMAGE,
-                    "patch_size": PATCH,
-                    "width": VISION_WIDTH,
-                    "layers": LAYERS,
-                    "heads": VISION_WIDTH // HEAD_WIDTH,
-                },
-                "text": {
-                    "context_length": CONTEXT,
-                    "vocab_size": VOCAB,
-                    "width": TEXT_WIDTH,
-                    "layers": LAYERS,
-                    "heads": TEXT_HEADS,
-                },
-            }
-        }
-    )
-    graphdef, abstract = abstract_model(config.model)
-    params = open_clip_to_params(reference.state_dict(), LAYERS, LAYERS)
-    mapped_shapes = jax.tree.map(lambda x: x.shape, params)
-    assert mapped_shapes == jax.tree.map(lambda x: x.shape, abstract)
-    assert sum(p.numel() for p in reference.parameters()) == param_count(params)
+    assert convert_main(["clip", str(release), str(tmp_path / "converted")]) == 0
+    model, preprocess, _ = jaxretrieval.load(tmp_path / "converted")
+    config = saved_config(tmp_path / "converted").model
+    assert (config.activation, config.embed_dim) == (activation, EMBED)
+    assert (config.image.heads, config.text.heads, config.text.layers) == (VISION_WIDTH // HEAD_WIDTH, TEXT_HEADS,
+                                                                           TEXT_LAYERS)
+    assert (list(preprocess.mean), list(preprocess.std)) == (pytest.approx(MEAN), pytest.approx(STD))
+    assert sum(p.numel() for p in reference.parameters()) == param_count(model.params)
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(3, IMAGE, IMAGE, 3)).astype(np.float32)  # NHWC
@@ -340,13 +285,11 @@ def test_numeric_parity_with_open_clip(activation: str) -> None:
         ref_text = reference.encode_text(torch.from_numpy(tokens)).numpy()
         ref_scale = reference.logit_scale.exp().item()
 
-    @jax.jit
-    def encode(params, images, tokens):
-        model = nnx.merge(graphdef, params)
-        return model.encode_image(images), model.encode_text(tokens), model.scale()
-
-    ours_image, ours_text, ours_scale = encode(params, images, tokens.astype(np.int32))
+    ours_image = np.asarray(model.encode_image(images))
+    ours_text = np.asarray(model.encode_text(tokens.astype(np.int32)))
+    image_diff, text_diff = np.abs(ours_image - ref_image).max(), np.abs(ours_text - ref_text).max()
+    print(f"{activation}: max |diff| image {image_diff:.1e} text {text_diff:.1e}")
     assert np.abs(ref_image).max() > 0.1 and np.abs(ref_text).max() > 0.1  # not a degenerate comparison
-    np.testing.assert_allclose(ours_image, ref_image, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ours_text, ref_text, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ours_scale, ref_scale, rtol=1e-6)
+    assert np.abs(ref_text[0] - ref_text[1]).max() > 10 * PARITY_TOL  # rows differ by far more than the tolerance
+    assert image_diff <= PARITY_TOL and text_diff <= PARITY_TOL
+    assert model.logit_scale == pytest.approx(ref_scale, rel=1e-6)

@@ -1,8 +1,11 @@
-"""AdamW with warmup + cosine, decay masked to matrices, global-norm clipping before the update."""
+"""AdamW with warmup + cosine, decay masked to matrices, global-norm clipping before the update, layer-wise lr decay:
+the schedule against its formula, the decay mask against a hand-written list of names, whole runs against
+torch.optim.AdamW / Adam driven step by step with per-parameter-group learning rates."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ import pytest
 from jaxretrieval.config import TrainConfig, load_config
 from jaxretrieval.models import abstract_model
 from jaxretrieval.optim import decay_mask, learning_rate, make_optimizer
+from jaxretrieval.sharding import path_name
 
 
 def expected_lr(step: int, cfg: TrainConfig) -> float:
@@ -64,21 +68,28 @@ def test_learning_rate_warmup_longer_than_training() -> None:
     assert values[10] == pytest.approx(0.1, rel=1e-5)
 
 
-def test_decay_mask_on_model_parameters() -> None:
+# The tiny CLIP's parameters that weight decay reaches, written out (open_clip's rule: no biases, norm gains, class
+# token or logit scale; matrices, embedding tables, positional tables and projections decay).
+TINY_CLIP_DECAYED = {
+    "text/positional_embedding", "text/text_projection", "text/token_embedding/embedding",
+    "visual/patch_embed/kernel", "visual/positional_embedding", "visual/proj",
+} | {f"{tower}/transformer/blocks/0/{layer}/kernel" for tower in ("text", "visual")
+     for layer in ("attn/qkv", "attn/out", "mlp/fc", "mlp/proj")}
+
+
+@pytest.mark.parametrize(("no_decay", "excluded"), [
+    ([], set()),
+    (["positional_embedding$", "^text/token_embedding"],
+     {"text/positional_embedding", "visual/positional_embedding", "text/token_embedding/embedding"}),
+])
+def test_decay_mask_on_model_parameters(no_decay: list[str], excluded: set[str]) -> None:
     config = load_config(None, ["model.name=tiny", "model.image.layers=1", "model.text.layers=1"])
     _, params = abstract_model(config.model)
-    mask = decay_mask(params)
+    mask = decay_mask(params, no_decay)
     assert jax.tree.structure(mask) == jax.tree.structure(params)
-    for (path, leaf), flag in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(mask), strict=True):
-        assert flag == (len(leaf.shape) >= 2), jax.tree_util.keystr(path)
-    assert mask["logit_scale"] is False
-    assert mask["visual"]["class_embedding"] is False
-    assert mask["visual"]["ln_pre"]["scale"] is False
-    assert mask["visual"]["transformer"]["blocks"][0]["attn"]["qkv"]["bias"] is False
-    assert mask["visual"]["transformer"]["blocks"][0]["attn"]["qkv"]["kernel"] is True
-    assert mask["visual"]["patch_embed"]["kernel"] is True
-    assert mask["text"]["token_embedding"]["embedding"] is True
-    assert mask["text"]["text_projection"] is True
+    flags = {path_name(path): flag for path, flag in jax.tree_util.tree_leaves_with_path(mask)}
+    assert len(flags) == 38 and all(isinstance(flag, bool) for flag in flags.values())
+    assert {name for name, flag in flags.items() if flag} == TINY_CLIP_DECAYED - excluded
 
 
 def small_params() -> dict:
@@ -129,53 +140,6 @@ def run(tx, params, grads_seq):
     return steps(params, grads_seq)
 
 
-def test_gradient_clipping_happens_before_adamw() -> None:
-    cfg = TrainConfig(steps=10, warmup_steps=0, lr=0.01, weight_decay=0.1, grad_clip=1.0)
-    params = small_params()
-    rng = np.random.default_rng(1)
-    huge = jax.tree.map(lambda p: (1e4 * rng.normal(size=np.shape(p))).astype(np.float32), params)
-    small = jax.tree.map(lambda p: (1e-2 * rng.normal(size=np.shape(p))).astype(np.float32), params)
-
-    def norm(g):
-        return float(np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(g))))
-
-    assert norm(huge) > 1e4 and norm(small) < cfg.grad_clip
-    grads_seq = [huge, small, small]
-
-    def clip(g):  # by hand: scale the whole tree to global norm grad_clip when it is larger
-        return jax.tree.map(lambda x: (x * min(1.0, cfg.grad_clip / norm(g))).astype(np.float32), g)
-
-    plain_adamw = optax.adamw(
-        learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
-    )
-    ours, ours_updates = run(make_optimizer(cfg), params, grads_seq)
-    manual, manual_updates = run(plain_adamw, params, [clip(g) for g in grads_seq])
-    unclipped, _ = run(plain_adamw, params, grads_seq)
-    for a, b in zip(jax.tree.leaves(ours_updates), jax.tree.leaves(manual_updates), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(manual), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-    # The check can tell: without clipping the huge step dominates Adam's second moment, and the later steps differ.
-    diff = max(
-        float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(unclipped), strict=True)
-    )
-    assert diff > 1e-4
-
-
-def test_grad_clip_zero_disables_clipping() -> None:
-    cfg = TrainConfig(steps=10, warmup_steps=0, lr=0.01, grad_clip=0.0)
-    params = small_params()
-    huge = jax.tree.map(lambda p: np.full_like(p, 1e4), params)
-    small = jax.tree.map(lambda p: np.full_like(p, 1e-2), params)
-    plain_adamw = optax.adamw(
-        learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
-    )
-    ours, _ = run(make_optimizer(cfg), params, [huge, small])
-    expected, _ = run(plain_adamw, params, [huge, small])
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
-
-
 def test_optimizer_follows_the_schedule() -> None:
     # Zero gradients again: the update is -lr(step) * wd * p, so it traces the schedule step by step.
     cfg = TrainConfig(steps=8, warmup_steps=3, lr=0.2, end_lr=0.02, weight_decay=1.0, grad_clip=1.0)
@@ -186,3 +150,105 @@ def test_optimizer_follows_the_schedule() -> None:
     for step in range(cfg.steps):
         updates, state = update({"w": np.zeros((2, 2), np.float32)}, state, params)
         np.testing.assert_allclose(updates["w"], -expected_lr(step, cfg) * np.ones((2, 2)), rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole runs against PyTorch: torch.optim.AdamW (or Adam), one parameter group per tensor, each group's lr set
+# before every step from the schedule's formula (times the layer's lr scale), clip_grad_norm_ before the step.
+
+SHAPES = {"embed/embedding": (6, 3), "block/kernel": (3, 4), "block/bias": (4,), "norm/scale": (4,),
+          "norm/bias": (4,), "head/kernel": (4, 2), "logit_scale": ()}
+DECAYED = {"embed/embedding", "block/kernel", "head/kernel"}  # by hand: matrices and the embedding table
+DEPTH = {"embed": 0, "block": 1, "norm": 1, "head": 2, "logit_scale": 2}  # layer-wise decay: depth, top 2
+
+
+def nested(flat: dict[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def flat_leaves(tree: dict) -> dict[str, np.ndarray]:
+    return {path_name(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def gradient_sequence(steps: int, huge_at: int | None, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    grads = []
+    for step in range(steps):
+        size = 1e3 if step == huge_at else 0.1
+        grads.append({name: (size * rng.normal(size=shape)).astype(np.float32) for name, shape in SHAPES.items()})
+    return grads
+
+
+def torch_run(cfg: TrainConfig, start: dict[str, np.ndarray], grads_seq: list[dict[str, np.ndarray]],
+              excluded: set[str] = frozenset(), clip: bool = True) -> dict[str, np.ndarray]:
+    torch = pytest.importorskip("torch")
+    params = {name: torch.nn.Parameter(torch.from_numpy(np.array(value, np.float32))) for name, value in start.items()}
+    groups = []
+    for name, p in params.items():
+        if cfg.optimizer == "adam":  # torch.optim.Adam: L2 decay on every parameter
+            decay = cfg.weight_decay
+        else:
+            decay = cfg.weight_decay if name in DECAYED - excluded else 0.0
+        scale = cfg.layer_decay ** (2 - DEPTH[name.split("/")[0]])
+        groups.append({"params": [p], "weight_decay": decay, "lr_scale": scale})
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    optimizer = kind(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+    for step, grads in enumerate(grads_seq):
+        for group in optimizer.param_groups:
+            group["lr"] = expected_lr(step, cfg) * group["lr_scale"]
+        for name, p in params.items():
+            p.grad = torch.from_numpy(np.array(grads[name], np.float32))
+        if clip and cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        optimizer.step()
+    return {name: p.detach().numpy() for name, p in params.items()}
+
+
+RUNS = {  # name -> (config overrides, the step with a huge gradient, regexes kept out of decay)
+    "adamw-clipped": ({"grad_clip": 1.0}, 1, []),
+    "adamw-unclipped": ({"grad_clip": 0.0}, 1, []),
+    "adamw-no_decay": ({"grad_clip": 1.0}, None, ["^embed/"]),
+    "adamw-layer_decay": ({"grad_clip": 1.0, "layer_decay": 0.5}, 2, []),
+    "adam-l2": ({"grad_clip": 1.0, "optimizer": "adam", "weight_decay": 0.01}, 1, []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUNS))
+def test_run_matches_torch(case: str) -> None:
+    overrides, huge_at, no_decay = RUNS[case]
+    cfg = TrainConfig(**{"steps": 8, "warmup_steps": 3, "lr": 0.05, "end_lr": 0.005, "weight_decay": 0.3,
+                         "b1": 0.8, "b2": 0.95, "eps": 1e-6, "no_decay": no_decay, **overrides})
+    rng = np.random.default_rng(0)
+    start = {name: rng.normal(size=shape).astype(np.float32) for name, shape in SHAPES.items()}
+    grads_seq = gradient_sequence(10, huge_at)  # past `steps`: the schedule holds end_lr
+    excluded = {name for name in SHAPES if any(re.search(pattern, name) for pattern in no_decay)}
+    want = torch_run(cfg, start, grads_seq, excluded)
+
+    depth = (lambda name: DEPTH[name.split("/")[0]], 2) if cfg.layer_decay < 1 else None
+    tx = make_optimizer(cfg, depth)
+
+    @jax.jit
+    def step(params: dict, state, grads: dict):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = nested(start)
+    state = tx.init(params)
+    for grads in grads_seq:  # one compiled step, called per step as a training loop does
+        params, state = step(params, state, nested(grads))
+    ours = flat_leaves(params)
+    assert ours.keys() == want.keys()
+    print(f"{case}: max |ours - torch| {max(np.abs(ours[name] - want[name]).max() for name in want):.1e}")
+    for name in want:
+        np.testing.assert_allclose(ours[name], want[name], rtol=2e-5, atol=2e-6, err_msg=name)
+        assert np.abs(want[name] - start[name]).max() > 1e-2, name  # every parameter moved
+    if huge_at is not None and cfg.grad_clip > 0:  # the comparison tells clipping apart from no clipping
+        unclipped = torch_run(cfg, start, grads_seq, excluded, clip=False)
+        assert max(np.abs(unclipped[name] - want[name]).max() for name in want) > 1e-3

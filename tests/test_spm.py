@@ -89,43 +89,83 @@ def unilm_rows(hf, texts: list[str], max_len: int = 64) -> np.ndarray:
     return np.array(rows, dtype=np.int32)
 
 
-def slow_ids(sp: sentencepiece.SentencePieceProcessor, text: str) -> list[int]:
-    """transformers 4's slow XLMRobertaTokenizer on text without special tokens: pieces, PieceToId + 1, 0 -> <unk>."""
-    return [sp.piece_to_id(piece) + 1 if sp.piece_to_id(piece) else 3 for piece in sp.encode(text, out_type=str)]
+# transformers' XLMRobertaTokenizer (fairseq's dictionary layout): these four first, then sentencepiece id i as i + 1
+# (its fairseq_offset), sentencepiece's own unknown id 0 as <unk>, <mask> after the last piece.
+FAIRSEQ_BOS, FAIRSEQ_PAD, FAIRSEQ_EOS, FAIRSEQ_UNK = 0, 1, 2, 3
+SPECIAL_STRINGS = ("<s>", "</s>", "<pad>", "<unk>", "<mask>")
+# Code point ranges for random text: ASCII, Latin, combining marks, Greek, Cyrillic, Hebrew/Arabic, Devanagari, Thai,
+# Hangul jamo, general punctuation (zero-width and bidi marks), letterlike symbols, kana, CJK, Hangul syllables,
+# full-width forms, emoji and C0 controls.
+CODE_POINTS = [(0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),
+               (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF), (0x2000, 0x206F), (0x2100, 0x21FF), (0x3000, 0x30FF),
+               (0x4E00, 0x4EFF), (0xAC00, 0xACFF), (0xFF00, 0xFFEF), (0x1F300, 0x1F64F), (0x0, 0x1F)]
 
 
-def test_ids_match_transformers(unigram: Path, hf) -> None:
-    tok = SentencePieceTokenizer.from_file(unigram)
-    texts = varied_texts()
+def random_texts(count: int, seed: int) -> list[str]:
+    """Random code points from many scripts (most unknown to the 200-piece models), some long enough to be cut."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(count):
+        length = rng.choice([rng.randint(0, 12), rng.randint(0, 40), rng.randint(60, 200)])
+        texts.append("".join(chr(rng.randint(*rng.choice(CODE_POINTS))) for _ in range(length)))
+    return texts
+
+
+def fairseq_ids(sp: sentencepiece.SentencePieceProcessor, text: str) -> list[int]:
+    """sentencepiece's own ids for `text`, renumbered as transformers' XLMRobertaTokenizer does it."""
+    return [FAIRSEQ_UNK if index == sp.unk_id() else index + 1 for index in sp.encode(text, out_type=int)]
+
+
+def fairseq_rows(id_lists: list[list[int]], context_length: int) -> np.ndarray:
+    """unilm BEiT-3's rows: <s>, the first context_length - 2 ids, </s>, then <pad>."""
+    rows = []
+    for ids in id_lists:
+        row = [FAIRSEQ_BOS, *ids[: context_length - 2], FAIRSEQ_EOS]
+        rows.append(row + [FAIRSEQ_PAD] * (context_length - len(row)))
+    return np.array(rows, dtype=np.int32)
+
+
+def test_fairseq_layout_is_transformers(unigram: Path, hf) -> None:
+    """The renumbering the sentencepiece reference uses is transformers' vocabulary, piece by piece."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(unigram))
+    vocab = hf.get_vocab()
+    assert {name: vocab[name] for name in ("<s>", "<pad>", "</s>", "<unk>")} == {
+        "<s>": FAIRSEQ_BOS, "<pad>": FAIRSEQ_PAD, "</s>": FAIRSEQ_EOS, "<unk>": FAIRSEQ_UNK}
+    for index in range(3, sp.get_piece_size()):  # 0-2 are sentencepiece's <unk>, <s>, </s>
+        assert vocab[sp.id_to_piece(index)] == index + 1, sp.id_to_piece(index)
+    assert vocab["<mask>"] == sp.get_piece_size() + 1
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+@pytest.mark.parametrize("context_length", [2, 9, 64])
+def test_ids_match_sentencepiece(model_type: str, context_length: int, request) -> None:
+    """Text without literal special tokens: sentencepiece's own encoding, renumbered. This is what unilm's
+    transformers 4 (slow, sentencepiece-backed) XLMRobertaTokenizer gives, for BPE models too; transformers 5 loads
+    every XLM-R model as a tokenizers Unigram model, which splits some runs of unknown characters differently."""
+    path = request.getfixturevalue(model_type)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    tok = SentencePieceTokenizer.from_file(path, context_length=context_length)
+    texts = [text for text in varied_texts(300, seed=2) + random_texts(600, seed=3)
+             if not any(special in text for special in SPECIAL_STRINGS)]
+    assert len(texts) > 600
+    reference = [fairseq_ids(sp, text) for text in texts]
+    # What the comparison covers: unknown characters, ids past the special ones, empty, cut and padded rows.
+    flat = [index for ids in reference for index in ids]
+    assert FAIRSEQ_UNK in flat and max(flat) > 150 and min(flat) >= FAIRSEQ_UNK
+    assert min(map(len, reference)) == 0 and max(map(len, reference)) > 64
+    if context_length == 64:  # one text at a time, no row layout in between
+        for text, want in zip(texts, reference, strict=True):
+            assert tok.encode(text) == want, repr(text)
     ids = tok(texts)
-    assert ids.dtype == np.int32 and ids.shape == (len(texts), 64)
-    np.testing.assert_array_equal(ids, unilm_rows(hf, texts))
-    short = SentencePieceTokenizer.from_file(unigram, context_length=8)
-    np.testing.assert_array_equal(short(texts), unilm_rows(hf, texts, 8))
-    assert (ids == tok.unk_id).any() and (ids == tok.mask_id).any() and (ids[:, -1] != tok.pad_id).any()
-
-
-def test_special_ids_and_vocab_size_match_transformers(unigram: Path, hf) -> None:
-    tok = SentencePieceTokenizer.from_file(unigram)
-    assert (tok.sot_id, tok.pad_id, tok.eot_id, tok.unk_id) == (0, 1, 2, 3)
-    assert (hf.bos_token_id, hf.pad_token_id, hf.eos_token_id, hf.unk_token_id) == (0, 1, 2, 3)
-    assert tok.mask_id == hf.mask_token_id == 201
-    assert tok.vocab_size == len(hf) == 202
-
-
-def test_bpe_model_matches_slow_tokenizer(bpe: Path) -> None:
-    """transformers 5 loads every XLM-R model as a Unigram model, which can split a BPE model's text differently."""
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(bpe))
-    tok = SentencePieceTokenizer.from_file(bpe)
-    for text in (text for text in varied_texts(200, seed=1) if "<" not in text):
-        assert tok.encode(text) == slow_ids(sp, text), text
+    assert ids.dtype == np.int32
+    np.testing.assert_array_equal(ids, fairseq_rows(reference, context_length))
 
 
 def test_normalised_lookalikes_are_not_special_tokens(unigram: Path) -> None:
     sp = sentencepiece.SentencePieceProcessor(model_file=str(unigram))
     tok = SentencePieceTokenizer.from_file(unigram)
     for text in LOOKALIKES:
-        assert tok.encode(text) == slow_ids(sp, text), text
+        assert tok.encode(text) == fairseq_ids(sp, text), text
         assert not {0, 1, 2, tok.mask_id} & set(tok.encode(text)), text
 
 
