@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from convert import ConvertError
+from convert.sources import INSTALL_EXTRA
+from jaxretrieval.errors import add_verbose, command, configure_logging, probe_output_folder, require
+
+# The packages each command needs before it reads anything (reading a .safetensors source also needs safetensors).
+NEEDS = {"clip": ("torch",), "beit3": ("torch",), "ctl": ("torch",), "clip-export": ("safetensors",)}
+WHAT = {"clip": "converted checkpoint", "beit3": "converted checkpoint", "ctl": "converted checkpoint",
+        "clip-export": "exported model"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     ctl.add_argument("out", help="new folder for the checkpoint (must not exist)")
     ctl.add_argument("--input-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
                      help="the input size the model was trained at (default 256 128; 320 320 for Street2Shop)")
+    add_verbose(parser)
+    for family in (clip, export, beit3, ctl):  # -v after the family name too, without resetting one given before it
+        family.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                            help="show the traceback of an error")
     return parser
+
+
+def check_out(out: str) -> None:
+    """OUT must be new and its folder writable, proven before any weights are read (and leaving nothing behind)."""
+    path = Path(out).expanduser().absolute()
+    if path.exists():
+        raise ConvertError(f"{path} already exists; choose a new output folder")
+    probe_output_folder(path, "OUT")
 
 
 def _run(args: argparse.Namespace) -> str:
@@ -67,17 +87,16 @@ def _run(args: argparse.Namespace) -> str:
     return str(export_clip(args.checkpoint, args.out, fmt=args.format))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
+    # Plain parse_args: argparse's intermixed parsing does not support subcommands (nor are there overrides here).
     args = _parser().parse_args(argv)
-    from jaxretrieval.checkpoint import CheckpointError
-    from jaxretrieval.config import ConfigError
-
-    try:
-        written = _run(args)
-    except (ConvertError, CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written}")
+    configure_logging(args.verbose)
+    for module in NEEDS[args.command]:
+        require(module, INSTALL_EXTRA, f"python -m convert {args.command}")
+    check_out(args.out)
+    written = _run(args)
+    print(f"wrote the {WHAT[args.command]} to {written}")
     return 0
 
 

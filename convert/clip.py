@@ -27,10 +27,11 @@ from convert.clip_configs import (
     openai_settings,
 )
 from convert.clip_layout import LAYOUTS, infer_sizes, to_ours, to_theirs
-from convert.sources import load_hf_weights, load_tensors, read_json, save_safetensors
-from jaxretrieval.checkpoint import write_model
+from convert.sources import INSTALL_EXTRA, load_hf_weights, load_tensors, read_json, save_safetensors
+from jaxretrieval.checkpoint import read_meta_at, write_model
 from jaxretrieval.config import Config, from_dict, to_dict
 from jaxretrieval.data.clip_bpe import ClipTokenizer
+from jaxretrieval.errors import MissingPackageError, require
 from jaxretrieval.evaluate import restore_params, saved_config
 from jaxretrieval.models import MODEL_PRESETS, abstract_model
 from jaxretrieval.sharding import make_mesh, path_name
@@ -38,6 +39,7 @@ from jaxretrieval.sharding import make_mesh, path_name
 FORMATS = ("openai", "open_clip", "hf")
 EXPORT_FORMATS = ("open_clip", "hf")
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+OPEN_CLIP_EXTRA = "bench"  # pyproject's extra with open_clip_torch
 
 
 @dataclasses.dataclass
@@ -166,8 +168,11 @@ def resize_positions(table: np.ndarray, grid: int) -> np.ndarray:
 
 def default_bpe_path() -> Path:
     spec = importlib.util.find_spec("open_clip")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    for folder in folders:
+    if spec is None:
+        raise MissingPackageError(f"the CLIP tokenizer needs its BPE merges file: pass --bpe PATH to {CLIP_BPE_FILE}, "
+                                  f"or install the 'open_clip' package, which ships it: pip install "
+                                  f"'jaxretrieval[{OPEN_CLIP_EXTRA}]'")
+    for folder in spec.submodule_search_locations or []:
         if (Path(folder) / CLIP_BPE_FILE).is_file():
             return Path(folder) / CLIP_BPE_FILE
     raise ConvertError(f"no CLIP BPE merges file: pass --bpe PATH to {CLIP_BPE_FILE} (it ships with open_clip)")
@@ -189,6 +194,7 @@ def import_clip(src: str | Path, out: str | Path, *, fmt: str | None = None, con
     src, out = Path(src), Path(out)
     if out.exists():
         raise ConvertError(f"{out} already exists; choose a new output folder")
+    bpe = bpe if bpe is not None else default_bpe_path()  # a missing open_clip is told before reading weights
     source = open_source(src, fmt, Path(config) if config is not None else None)
     layout = LAYOUTS["hf" if source.format == "hf" else "openai"]
     sizes = infer_sizes(layout, source.state)
@@ -216,14 +222,30 @@ def import_clip(src: str | Path, out: str | Path, *, fmt: str | None = None, con
     return write_model(out, params, meta)
 
 
+def check_exportable(meta: dict[str, Any], checkpoint: str | Path) -> None:
+    """Only a CLIP that reads CLIP-BPE ids can be exported: open_clip and transformers tokenize with that BPE."""
+    family = meta.get("config", {}).get("model", {}).get("family", "clip")
+    if family != "clip":
+        raise ConvertError(f"checkpoint {checkpoint} is a model.family={family} model; clip-export writes CLIP dual "
+                           f"encoders only")
+    kind = meta.get("tokenizer", {}).get("kind")
+    if kind != ClipTokenizer.kind:
+        raise ConvertError(f"checkpoint {checkpoint} was trained with the {kind!r} tokenizer: the CLIP BPE tokenizer "
+                           f"of open_clip and Hugging Face would not produce the token ids it was trained on, so the "
+                           f"exported model would not work; only a model tokenized with CLIP's BPE (data.tokenizer: "
+                           f"{CLIP_BPE_FILE}, or converted from a CLIP release) can be exported")
+
+
 def export_clip(checkpoint: str | Path, out: str | Path, *, fmt: str) -> Path:
     """Writes one of our checkpoints as open_clip (open_clip_model.safetensors + open_clip_config.json) or a
     Hugging Face CLIPModel folder (model.safetensors + config.json + preprocessor_config.json)."""
     if fmt not in EXPORT_FORMATS:
         raise ConvertError(f"unknown export format '{fmt}' (known: {', '.join(EXPORT_FORMATS)})")
+    require("safetensors", INSTALL_EXTRA, "clip-export")
     out = Path(out).absolute()
     if out.exists():
         raise ConvertError(f"{out} already exists; choose a new output folder")
+    check_exportable(read_meta_at(checkpoint), checkpoint)
     # Whatever mesh it was trained on, export reads the parameters onto this machine unsharded.
     config = saved_config(checkpoint, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "sharding=[]"])
     _, params, _ = restore_params(config, checkpoint, make_mesh(config.mesh))

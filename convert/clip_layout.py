@@ -104,6 +104,17 @@ class Layout:
                 rules += self.block(f"{tower}/transformer/blocks/{i}", f"{prefix}.{i}")
         return rules
 
+    @staticmethod
+    def _unsupported(keys: list[str]) -> str:
+        """What the keys look like instead: the architectures users most often bring."""
+        if any(key.startswith("visual.trunk.") for key in keys) or any("logit_bias" in key for key in keys):
+            return "this looks like a SigLIP release (timm image trunk, custom text tower, logit bias), not supported"
+        if any(key.startswith(("visual.layer1.", "visual.attnpool.")) for key in keys):
+            return "this looks like a ResNet image tower (ModifiedResNet), not supported"
+        if any(key.startswith("text.transformer.") or key.startswith("text.") for key in keys):
+            return "this looks like a custom (Hugging Face) text tower, not supported"
+        return "the tensors do not match a CLIP ViT"
+
     def count_layers(self, keys: Iterable[str]) -> tuple[int, int]:
         keys = list(keys)
         counts = []
@@ -111,8 +122,9 @@ class Layout:
             pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
             found = [int(m.group(1)) for key in keys if (m := pattern.match(key))]
             if not found:
-                raise ConvertError(f"no transformer blocks '{prefix}.N.*' found in the {self.name} layout "
-                                   f"(only ViT image towers and CLIP text towers convert)")
+                raise ConvertError(f"no transformer blocks '{prefix}.N.*' found in the {self.name} layout: "
+                                   f"{self._unsupported(keys)} (only CLIP's own ViT image towers and CLIP text towers "
+                                   f"convert)")
             counts.append(max(found) + 1)
         return counts[0], counts[1]
 

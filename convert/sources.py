@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,9 @@ from typing import Any
 import numpy as np
 
 from convert import ConvertError
+from jaxretrieval.errors import require, weights_only_reason
+
+INSTALL_EXTRA = "convert"  # pyproject's extra with torch and safetensors
 
 
 def is_torchscript(path: Path) -> bool:
@@ -53,11 +55,7 @@ def to_numpy(state: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
 
 
 def require_torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise ConvertError("reading PyTorch weights needs torch: pip install 'jaxretrieval[convert]'") from None
-    return torch
+    return require("torch", INSTALL_EXTRA, "reading PyTorch weights")
 
 
 def load_pickle(path: Path) -> Any:
@@ -72,10 +70,8 @@ def load_pickle(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", str(e), re.S)
-        reason = (found.group(1) if found else str(e)).split(". ")[0].strip()
         raise ConvertError(f"refusing to load {path}: torch.load(weights_only=True), the only way pickles are "
-                           f"opened here, rejects it: {reason}") from None
+                           f"opened here, rejects it: {weights_only_reason(e)}") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         raise ConvertError(f"cannot read {path} as a PyTorch checkpoint: {e}") from None
 
@@ -87,8 +83,7 @@ def load_tensors(path: Path) -> tuple[dict[str, np.ndarray], str]:
         raise ConvertError(f"{path} does not exist or is not a file")
     torch = require_torch()
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
+        load_file = require("safetensors.torch", INSTALL_EXTRA, f"reading {path}").load_file
         try:
             return to_numpy(load_file(str(path)), path), "safetensors"
         except Exception as e:  # the safetensors reader raises its own error types
@@ -123,8 +118,7 @@ def load_hf_weights(folder: Path) -> dict[str, np.ndarray]:
 
 
 def save_safetensors(state: dict[str, np.ndarray], path: Path) -> None:
-    from safetensors.numpy import save_file
-
+    save_file = require("safetensors.numpy", INSTALL_EXTRA, "writing .safetensors files").save_file
     # The metadata `save_pretrained` writes; transformers 4.x refuses safetensors files without it.
     save_file({key: np.array(value, order="C") for key, value in state.items()}, str(path),
               metadata={"format": "pt"})

@@ -12,6 +12,7 @@ import functools
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 import uuid
@@ -45,6 +46,14 @@ class OutputPathError(UserError, OSError):
 
 class MissingPackageError(UserError, ImportError):
     """An optional package a feature needs; the message holds the pip line that installs it."""
+
+
+def weights_only_reason(error: Exception) -> str:
+    """The one-line reason torch.load(weights_only=True) gives for refusing a pickle (torch's message runs to several
+    lines of advice, some of it to turn the protection off)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", text, re.S)
+    return (found.group(1) if found else text).split(". ")[0].splitlines()[0].strip()
 
 
 def debug_enabled(argv: list[str] | None = None) -> bool:
@@ -87,6 +96,26 @@ def probe_folder(path: str | Path, what: str = "output folder") -> Path:
                               f"permissions") from None
     _probe(folder, what)
     return folder
+
+
+def probe_output_folder(path: str | Path, option: str = "--output-dir") -> Path:
+    """Proves the output folder can be written before any work starts, leaving nothing behind: an existing folder is
+    probed in place, a new one in the nearest existing folder above it, where it will be created."""
+    out = Path(path).expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise OutputPathError(f"{option} {out} exists and is not a folder; choose another path")
+        probe_folder(out, option)
+        return out
+    above = next(parent for parent in out.absolute().parents if parent.exists())
+    if not above.is_dir():
+        raise OutputPathError(f"{option} {out} cannot be created: {above} is a file, not a folder; choose another "
+                              f"path")
+    try:
+        probe_folder(above, "folder")
+    except OutputPathError as e:
+        raise OutputPathError(f"{option} {out} cannot be created: {e}") from None
+    return out
 
 
 def probe_file(path: str | Path, what: str = "output file") -> Path:

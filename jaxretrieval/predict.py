@@ -12,14 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxretrieval import checkpoint
-from jaxretrieval.config import ConfigError
 from jaxretrieval.data.pab import gallery_images, read_queries
 from jaxretrieval.data.pipeline import GalleryImages, make_preprocess
-from jaxretrieval.data.sources import DataError
 from jaxretrieval.data.tokenizers import build_tokenizer
+from jaxretrieval.errors import ConfigError, add_verbose, command, configure_logging, parse_args, probe_output_folder
 from jaxretrieval.evaluate import embed_inputs, restore_params, saved_config
-from jaxretrieval.fuse import ranking_outputs, report_written, write_outputs
+from jaxretrieval.fuse import ranking_outputs, report_written, show_metrics, write_outputs
 from jaxretrieval.retrieval.fusion import ScoreMatrix
 from jaxretrieval.sharding import make_mesh
 
@@ -41,6 +39,7 @@ def predict(checkpoint_path: str | Path, queries: str | Path, gallery: str | Pat
     return ranking_outputs(matrix, "scores.npz", top_k, labels)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxretrieval.predict", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or workdir")
@@ -51,15 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=10, help="gallery stems per submission line (default 10)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="threads decoding images")
-    args = parser.parse_args(argv)
-    try:
-        files = predict(args.checkpoint, args.queries, args.gallery, top_k=args.top_k, labels=args.labels,
-                        batch_size=args.batch_size, workers=args.workers)
-        write_outputs(Path(args.output_dir), files, OUTPUTS)
-    except (ConfigError, DataError, checkpoint.CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report_written(files, args.output_dir)
+    add_verbose(parser)
+    args = parse_args(parser, argv)
+    configure_logging(args.verbose)
+    for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{option} must be at least 1, got {value}")
+    out_dir = probe_output_folder(args.output_dir)
+    files = predict(args.checkpoint, args.queries, args.gallery, top_k=args.top_k, labels=args.labels,
+                    batch_size=args.batch_size, workers=args.workers)
+    show_metrics(files)
+    write_outputs(out_dir, files, OUTPUTS)
+    report_written(files, out_dir)
     return 0
 
 

@@ -9,14 +9,12 @@ paths relative to DIR; captions of the same image are all correct answers for it
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from jaxretrieval import checkpoint
-from jaxretrieval.config import ConfigError
-from jaxretrieval.data.sources import CaptionSource, DataError
-from jaxretrieval.evaluate import evaluate_checkpoint, saved_config
+from jaxretrieval.data.sources import CaptionSource
+from jaxretrieval.errors import add_verbose, command, configure_logging, parse_args
+from jaxretrieval.evaluate import evaluate_checkpoint, probe_output, saved_config, write_metrics
 from jaxretrieval.retrieval import recall_table
 
 
@@ -28,6 +26,7 @@ def retrieve(checkpoint_path: str | Path, images: str | Path, captions: str | Pa
     return evaluate_checkpoint(config, checkpoint_path, CaptionSource(captions, images))
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxretrieval.retrieve", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or workdir")
@@ -36,16 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="also write the metrics as JSON here")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="threads decoding images")
-    args = parser.parse_args(argv)
-    try:
-        metrics = retrieve(args.checkpoint, args.images, args.captions, batch_size=args.batch_size,
-                           workers=args.workers)
-    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n")
-    print(recall_table(metrics))
+    add_verbose(parser)
+    args = parse_args(parser, argv)
+    configure_logging(args.verbose)
+    output = probe_output(args.output)
+    metrics = retrieve(args.checkpoint, args.images, args.captions, batch_size=args.batch_size,
+                       workers=args.workers)
+    print(recall_table(metrics), flush=True)
+    write_metrics(metrics, output)
     return 0
 
 

@@ -25,6 +25,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from jaxretrieval.errors import weights_only_reason
+
 
 @dataclass(eq=False)
 class ScoreMatrix:
@@ -93,7 +95,8 @@ def _load_torch(path: Path) -> tuple[np.ndarray, tuple[list[str], list[str]] | N
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unpickling error types
-        raise ValueError(f"{path}: torch.load(weights_only=True) failed: {e}") from None
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True), the only way pickles are opened "
+                         f"here: {weights_only_reason(e)}") from None
     ids = None
     if isinstance(obj, dict):
         if "query_ids" in obj or "gallery_ids" in obj:
