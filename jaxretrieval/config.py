@@ -241,6 +241,12 @@ def _nearest(key: str, names: list[str]) -> str | None:
     return ALIASES[close[0]] if close else None
 
 
+# Besides YAMLError, PyYAML's scalar constructors let Python's own errors out for malformed scalars: `0x_`,
+# `!!int abc`, dates such as `2020-13-45` (ValueError), `!!bool x` (KeyError), `!!int ''` (IndexError),
+# `!!timestamp x` (AttributeError), out-of-range dates (OverflowError); deep nesting is a RecursionError.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -260,13 +266,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed length, e.g. (height, width)
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args, strict=True)))
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {value} is too large for a float") from None
     if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:
             return float(value)
@@ -317,7 +330,7 @@ def _parse_override(text: str) -> dict[str, Any]:
     path, value = text.split("=", 1)
     try:
         parsed = yaml.safe_load(value) if value else ""
-    except yaml.YAMLError:
+    except _YAML_ERRORS:  # not a YAML value: the text itself
         parsed = value
     node: dict[str, Any] = {}
     cursor = node
@@ -334,12 +347,14 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw = dict(raw)
     model = raw.get("model") or {}
-    name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
-    if name not in MODEL_PRESETS:
+    if not isinstance(model, dict):
+        raise ConfigError(f"{source}: model: expected a mapping, got {model!r}")
+    name = model.get("name", ModelConfig.name)
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
         close = difflib.get_close_matches(str(name), list(MODEL_PRESETS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{source}: unknown model.name '{name}'{hint} (presets: {', '.join(MODEL_PRESETS)})")
-    raw["model"] = _merge(MODEL_PRESETS[name], model if isinstance(model, dict) else {})
+    raw["model"] = _merge(MODEL_PRESETS[name], model)
     try:
         config = _build(Config, raw, "")
     except ConfigError as e:
@@ -357,12 +372,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not valid UTF-8 text") from None
         try:
             loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
+        except _YAML_ERRORS as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")

@@ -45,10 +45,12 @@ def _dual_encoder(config: Config) -> list[tuple[bool, str]]:
           for tower, remat in (("image", model.image.remat), ("text", model.text.remat),
                                ("multiway", model.multiway.remat))],
         (model.activation in ("quick_gelu", "gelu"), "model.activation must be quick_gelu or gelu"),
-        (model.image.image_size % model.image.patch_size == 0,
-         "model.image.image_size must be a multiple of model.image.patch_size"),
-        (model.image.width % model.image.heads == 0, "model.image.width must divide by heads"),
-        (model.text.width % model.text.heads == 0, "model.text.width must divide by heads"),
+        (model.image.patch_size > 0 and model.image.image_size % model.image.patch_size == 0,
+         "model.image.image_size must be a multiple of model.image.patch_size (> 0)"),
+        (model.image.heads > 0 and model.image.width % model.image.heads == 0,
+         "model.image.width must divide by heads (> 0)"),
+        (model.text.heads > 0 and model.text.width % model.text.heads == 0,
+         "model.text.width must divide by heads (> 0)"),
         (data.kind in CAPTION_KINDS, f"data.kind={data.kind} is re-id data: it needs model.family=ctl"),
         (data.resize in ("crop", "squash"), "data.resize must be crop or squash"),
         (0 < data.local_scale[0] <= data.local_scale[1] <= 1,
@@ -63,7 +65,8 @@ def _dual_encoder(config: Config) -> list[tuple[bool, str]]:
     if model.family == "beit3":
         multiway = model.multiway
         checks += [
-            (multiway.width % multiway.heads == 0, "model.multiway.width must divide by heads"),
+            (multiway.heads > 0 and multiway.width % multiway.heads == 0,
+             "model.multiway.width must divide by heads (> 0)"),
             (model.text.context_length <= multiway.max_text_positions - 2,
              "model.text.context_length must be <= model.multiway.max_text_positions - 2"),
         ]

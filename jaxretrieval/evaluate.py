@@ -8,6 +8,7 @@ text_to_image R1 R5 R10 mAP mINP.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -18,11 +19,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxretrieval import checkpoint
-from jaxretrieval.config import Config, ConfigError, load_config
+from jaxretrieval.config import Config, load_config
 from jaxretrieval.data.pipeline import EvalInputs, caption_source, data_root, eval_inputs
 from jaxretrieval.data.reid_pipeline import ReidSplit, reid_eval_splits
-from jaxretrieval.data.sources import CaptionSource, DataError
+from jaxretrieval.data.sources import CaptionSource
 from jaxretrieval.data.tokenizers import build_tokenizer
+from jaxretrieval.errors import OutputPathError, add_verbose, command, configure_logging, parse_args, probe_file
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, evaluate_reid, image_text_recall
 from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
@@ -32,9 +34,11 @@ from jaxretrieval.sharding import initialize_distributed, make_mesh, tree_shardi
 RECALL_AT = (1, 5, 10)
 
 
+@functools.lru_cache(maxsize=16)
 def encoders(graphdef: nnx.GraphDef, mesh: Mesh | None = None):
     """Jitted (params, pixels) -> image embeddings and (params, tokens) -> text embeddings, normalised; traced
-    under `mesh` (when given) so the towers' activation constraints apply."""
+    under `mesh` (when given) so the towers' activation constraints apply. Cached: a run's evaluations reuse one
+    compiled pair instead of compiling (and keeping) a new one each time."""
     def image(params: dict, x: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, params).encode_image(x, normalize=True)
 
@@ -56,15 +60,18 @@ def embed_inputs(graphdef: nnx.GraphDef, params: dict, images, tokens: np.ndarra
 
 def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs: EvalInputs, mesh: Mesh, batch_size: int,
                        protocol: str = "image_text") -> dict:
-    """Metrics of `protocol` (see EvalConfig.protocol) on one evaluation split."""
+    """Metrics of `protocol` (see EvalConfig.protocol) on one evaluation split, with `skipped`: the gallery images
+    left out because they failed to decode (eval.skip_bad_records; see EvalInputs.without_skipped)."""
     image_emb, text_emb = embed_inputs(graphdef, params, inputs.images, inputs.tokens, mesh, batch_size)
+    image_emb, text_emb, text_groups, image_groups = inputs.without_skipped(image_emb, text_emb, protocol)
     if protocol == "text_to_image":
         # mAP and mINP need the rank of every relevant image, so this scores the whole (captions, images) matrix.
-        relevant = inputs.text_groups[:, None] == inputs.image_groups[None, :]
+        relevant = text_groups[:, None] == image_groups[None, :]
         metrics = ranking_metrics(text_emb @ image_emb.T, relevant, RECALL_AT)
     else:
-        metrics = image_text_recall_all(image_emb, text_emb, inputs.text_groups, mesh)
-    metrics.update(num_images=int(image_emb.shape[0]), num_texts=int(text_emb.shape[0]))
+        metrics = image_text_recall_all(image_emb, text_emb, text_groups, mesh)
+    metrics.update(num_images=int(image_emb.shape[0]), num_texts=int(text_emb.shape[0]),
+                   skipped=len(inputs.images.skipped))
     return metrics
 
 
@@ -83,14 +90,17 @@ def image_text_recall_all(image_emb: np.ndarray, text_emb: np.ndarray, text_to_i
 def evaluate_reid_splits(graphdef: nnx.GraphDef, params: dict, splits: tuple[ReidSplit, ReidSplit], mesh: Mesh,
                          batch_size: int, per_camera: bool = True) -> dict:
     """Re-id metrics of the query split against the gallery images (R1 ... mINP) and against the gallery's identity
-    centroids (centroid_R1 ...), from L2-normalised BN-neck features."""
+    centroids (centroid_R1 ...), from L2-normalised BN-neck features; `skipped` counts the query and gallery images
+    left out because they failed to decode (eval.skip_bad_records; see ReidSplit.without_skipped)."""
     encode_image, _ = encoders(graphdef, mesh)
-    query, gallery = (embed_all(lambda x: encode_image(params, x), split.images, batch_size, mesh)
-                      for split in splits)
-    sets = (query, splits[0].pids, splits[0].camids, gallery, splits[1].pids, splits[1].camids)
+    # Per split (query, gallery): (embeddings, pids, camids) of the images that decoded.
+    query, gallery = [split.without_skipped(embed_all(lambda x: encode_image(params, x), split.images, batch_size,
+                                                      mesh)) for split in splits]
+    sets = (*query, *gallery)
     images = evaluate_reid(*sets, centroids=False)
     centroids = evaluate_reid(*sets, centroids=True, per_camera=per_camera)
-    return {**images, **{f"centroid_{key}": value for key, value in centroids.items()}}
+    skipped = sum(len(split.images.skipped) for split in splits)
+    return {**images, **{f"centroid_{key}": value for key, value in centroids.items()}, "skipped": skipped}
 
 
 def restore_params(config: Config, path: str | Path, mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
@@ -129,28 +139,48 @@ def run(config: Config, checkpoint_path: str | Path) -> dict:
     return evaluate_checkpoint(config, checkpoint_path)
 
 
+def probe_output(path: str | None, option: str = "--output") -> Path | None:
+    """The metrics file, proven writable before any work starts (None: stdout only)."""
+    if path is None:
+        return None
+    try:
+        return probe_file(path, "output file")
+    except OutputPathError as e:
+        raise OutputPathError(f"{option} {path}: {e}") from None
+
+
+def write_metrics(metrics: dict, output: Path | None, option: str = "--output") -> None:
+    """Called once the metrics are on stdout: writes them to `output` and says on stderr where they are."""
+    if output is None:
+        print(f"metrics printed to stdout only (pass {option} FILE to keep them in a file)", file=sys.stderr)
+        return
+    try:
+        output.write_text(json.dumps(metrics, indent=2) + "\n")
+    except OSError as e:
+        raise OutputPathError(f"cannot write the metrics to {option} {output} ({e.strerror or e}); they are printed "
+                              f"above; choose another path or fix its permissions") from None
+    print(f"metrics written to {output}", file=sys.stderr)
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxretrieval.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="config file (default: the config saved with the checkpoint)")
     parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or workdir")
     parser.add_argument("--output", help="write the metrics JSON here as well as to stdout")
-    parser.add_argument("overrides", nargs="*", help="key.path=value")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides) if args.config else None
-        # Before reading the checkpoint's config: jax.distributed must start before anything touches jax.
-        early = config or load_config(None, [o for o in args.overrides if o.startswith("distributed.")])
-        initialize_distributed(early.distributed)
-        config = config or saved_config(args.checkpoint, args.overrides)
-        metrics = run(config, args.checkpoint)
-    except (ConfigError, DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = json.dumps(metrics, indent=2)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
-    print(text)
+    parser.add_argument("overrides", nargs="*", help="key.path=value (before or after the options)")
+    add_verbose(parser)
+    args = parse_args(parser, argv)
+    configure_logging(args.verbose)
+    output = probe_output(args.output)
+    config = load_config(args.config, args.overrides) if args.config else None
+    # Before reading the checkpoint's config: jax.distributed must start before anything touches jax.
+    early = config or load_config(None, [o for o in args.overrides if o.startswith("distributed.")])
+    initialize_distributed(early.distributed)
+    config = config or saved_config(args.checkpoint, args.overrides)
+    metrics = run(config, args.checkpoint)
+    print(json.dumps(metrics, indent=2), flush=True)
+    write_metrics(metrics, output)
     return 0
 
 

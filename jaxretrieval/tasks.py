@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -24,6 +25,7 @@ class Task(NamedTuple):
     loader: Callable[[int], Any]  # start step -> iterable of this process's share of each global batch
     evaluate: Callable[[nnx.GraphDef, Any, Mesh], dict[str, Any]]  # (graphdef, params, mesh) -> metrics
     meta: dict[str, Any]  # saved in every checkpoint beside the config (the tokenizer)
+    describe: Callable[[np.ndarray], list[str]]  # a batch's "origin" rows -> where each record came from
 
 
 def with_epoch_steps(config: Config, batches_per_epoch: int, what: str) -> Config:
@@ -48,8 +50,11 @@ def image_text_task(config: Config, init_meta: dict) -> Task:
     def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> dict[str, Any]:
         return evaluate_retrieval(graphdef, params, eval_data, mesh, config.eval.batch_size, config.eval.protocol)
 
+    def describe(origin: np.ndarray) -> list[str]:
+        return [f"{source.paths[file]}:{line}" for file, line in origin.tolist()]
+
     return Task(config, lambda start: train_loader(config, source, tokenizer, start_step=start), evaluate,
-                {"tokenizer": tokenizer.to_spec()})
+                {"tokenizer": tokenizer.to_spec()}, describe)
 
 
 def reid_task(config: Config) -> Task:
@@ -66,7 +71,11 @@ def reid_task(config: Config) -> Task:
         return evaluate_reid_splits(graphdef, params, splits, mesh, config.eval.batch_size,
                                     config.eval.per_camera_centroids)
 
-    return Task(config, lambda start: reid_pipeline.reid_train_loader(config, source, start_step=start), evaluate, {})
+    def describe(origin: np.ndarray) -> list[str]:
+        return [f"identity {pid} camera {camera + 1}" for pid, camera in origin.tolist()]
+
+    return Task(config, lambda start: reid_pipeline.reid_train_loader(config, source, start_step=start), evaluate, {},
+                describe)
 
 
 def make_task(config: Config, init_meta: dict) -> Task:

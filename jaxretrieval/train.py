@@ -228,14 +228,17 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
     window: list[dict[str, float]] = []
     window_start = time.perf_counter()
 
-    def record(step: int, metrics: dict[str, jax.Array]) -> bool:
-        """Logs a step's metrics; True when a process asked to stop at or before it (the same on every process)."""
+    def record(step: int, metrics: dict[str, jax.Array], origin: np.ndarray | None) -> bool:
+        """Logs a step's metrics; True when a process asked to stop at or before it (the same on every process).
+        `origin`: where this process's records of the step's batch came from, named if the loss is not finite."""
         nonlocal window_start
         values = {k: float(v) for k, v in metrics.items()}
         stop = values.pop("stop", 0.0) > 0
         if not math.isfinite(values["loss"]):
-            raise NonFiniteLoss(f"loss is {values['loss']} at step {step}; stopping (newest checkpoint: "
-                                f"{ckpts.mngr.latest_step()}, intact)")
+            records = task.describe(origin) if origin is not None else []
+            shown = ", ".join(records[:8]) + (f" and {len(records) - 8} more" if len(records) > 8 else "")
+            raise NonFiniteLoss(f"loss is {values['loss']} at step {step} (records: {shown or 'unknown'}); "
+                                f"stopping (newest checkpoint: {ckpts.mngr.latest_step()}, intact)")
         window.append(values)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -271,18 +274,19 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
         done = workdir / "eval" / f"step_{start}.json"
         last_eval = json.loads(done.read_text()) if done.exists() else evaluate(start)
 
-    pending: tuple[int, dict[str, jax.Array]] | None = None
+    pending: tuple[int, dict[str, jax.Array], np.ndarray | None] | None = None
     stopping = False  # agreed on by every process: read from a step's (replicated) metrics
     with StopSignal() as stop_signal:
         for step in range(start + 1, cfg.steps + 1):
             host_batch = next(data_iterator)
+            origin = host_batch.pop("origin", None)  # stays on the host
             host_batch["stop"] = np.full(len(next(iter(host_batch.values()))), stop_signal.received is not None,
                                          np.int32)
             params, opt_state, metrics = step_fn(params, opt_state, global_batch(host_batch, mesh), np.int32(step))
             # Read the previous step's metrics only now, so the host never stalls the device queue.
             if pending is not None:
                 stopping |= record(*pending)
-            pending = (step, metrics)
+            pending = (step, metrics, origin)
             save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
             if save_now or eval_due(step) or stopping:
                 stopping |= record(*pending)

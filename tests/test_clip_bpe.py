@@ -13,6 +13,7 @@ import pytest
 
 from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.data.tokenizers import build_tokenizer
+from jaxretrieval.errors import DataError
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -126,7 +127,7 @@ def test_plain_text_merges_file(tmp_path: Path, tok: ClipTokenizer) -> None:
 
 def test_missing_merges_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.txt.gz"
-    with pytest.raises(FileNotFoundError, match="nowhere.txt.gz"):
+    with pytest.raises(DataError, match="nowhere.txt.gz.*does not exist"):
         ClipTokenizer.from_file(path)
 
 

@@ -85,7 +85,7 @@ def test_unreadable_image_is_named_when_decoded(demo_root, tmp_path):
     config = tiny_config(root, **{"train.batch_size": 8})
     source = caption_source(config, root, "train")
     loader = train_loader(config, source, make_tokenizer(config, root))
-    with pytest.raises(Exception, match="train_00003.png cannot be read"):
+    with pytest.raises(DataError, match=r"train\.jsonl:1[012]: cannot decode image .*train_00003\.png"):
         for _, _ in zip(range(100), loader, strict=False):
             pass
 
@@ -97,7 +97,8 @@ def test_unreadable_image_skipped_when_allowed(demo_root, tmp_path, caplog):
     loader = train_loader(config, caption_source(config, root, "train"), make_tokenizer(config, root))
     batches = [batch for _, batch in zip(range(100), loader, strict=False)]  # over one epoch
     assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
-    assert "train_00003.png cannot be read" in caplog.text and "unreadable images skipped so far" in caplog.text
+    assert "cannot decode image" in caplog.text and "train_00003.png" in caplog.text
+    assert "unreadable images skipped so far" in caplog.text
 
 
 def test_batches_have_the_contract_shapes_and_normalisation(demo_root):

@@ -169,10 +169,10 @@ def test_encode_pair_uses_the_view_and_skips_bad_images(tmp_path, caplog):
         np.testing.assert_array_equal(out["image"], view(str(good), np.random.default_rng(seed)))
         assert out["group"] == 3
     assert encode.random_map(CaptionRecord(str(bad), "a man", 0), np.random.default_rng(0)) is None
-    assert encode.skipped == 1 and "bad.png cannot be read" in caplog.text
-    strict = EncodePair(preprocess, tokenizer, flip=False, skip_bad=False, view=view)
-    with pytest.raises(DataError, match="bad.png cannot be read"):
-        strict.random_map(CaptionRecord(str(bad), "a man", 0), np.random.default_rng(0))
+    assert encode.skipped == 1 and "cannot decode image " in caplog.text and "bad.png" in caplog.text
+    strict = EncodePair(preprocess, tokenizer, flip=False, skip_bad=False, view=view, files=["a.json", "b.json"])
+    with pytest.raises(DataError, match=r"^b\.json:7: cannot decode image .*bad\.png \(not in a format PIL"):
+        strict.random_map(CaptionRecord(str(bad), "a man", 0, file=1, line=7), np.random.default_rng(0))
     plain = EncodePair(preprocess, tokenizer, flip=False, skip_bad=False)
     np.testing.assert_array_equal(plain.random_map(CaptionRecord(str(good), "a", 0), np.random.default_rng(0))["image"],
                                   preprocess(str(good)))

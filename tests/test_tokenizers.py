@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jaxretrieval.data.tokenizers import WordTokenizer, build_tokenizer, split_words
+from jaxretrieval.errors import DataError
 
 VOCAB = ["a", "red", "circle", "on", "the", "left"]
 
@@ -102,7 +103,7 @@ def test_from_file(tmp_path) -> None:
 
 def test_from_file_errors_name_the_file(tmp_path) -> None:
     missing = tmp_path / "missing_vocab.txt"
-    with pytest.raises(FileNotFoundError, match="missing_vocab.txt"):
+    with pytest.raises(DataError, match="missing_vocab.txt.*does not exist"):
         WordTokenizer.from_file(missing, context_length=8)
     empty = tmp_path / "empty_vocab.txt"
     empty.write_text("\n  \n", encoding="utf-8")

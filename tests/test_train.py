@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -83,8 +84,12 @@ def test_eight_devices_match_one_device(twenty_steps, tmp_path, layout):
 
 def test_non_finite_loss_stops_naming_the_step(demo_root, tmp_path):
     config = tiny_config(demo_root, **{"train.lr": 1e38, "train.grad_clip": 0, "train.warmup_steps": 0})
-    with pytest.raises(train.NonFiniteLoss, match=r"loss is (nan|inf|-inf) at step \d+"):
+    with pytest.raises(train.NonFiniteLoss, match=r"loss is (nan|inf|-inf) at step \d+ \(records: .*train\.jsonl:\d+, "
+                       r".*train\.jsonl:\d+ and 8 more\); stopping \(newest checkpoint: None, intact\)") as error:
         train.train(config, tmp_path)
+    named = re.findall(r"train\.jsonl:(\d+)", str(error.value))
+    lines = (demo_root / "train.jsonl").read_text().splitlines()
+    assert len(named) == 8 and all(1 <= int(n) <= len(lines) for n in named)
 
 
 def test_config_typo_on_the_command_line(tmp_path, capsys):

@@ -12,14 +12,22 @@ import os
 import zlib
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from pathlib import Path
 from typing import Any, ClassVar
 
 import ftfy
 import numpy as np
 import regex
 
-from jaxretrieval.data.token_rows import check_spec, pack_rows
+from jaxretrieval.data.token_rows import (
+    check_context_length,
+    check_spec,
+    pack_rows,
+    read_file,
+    spec_int,
+    spec_strings,
+    without_surrogates,
+)
+from jaxretrieval.errors import DataError
 
 _MERGE_LINES = 49152 - 256 - 2  # how many merges CLIP reads, starting after the header line
 _END_OF_WORD = "</w>"
@@ -51,8 +59,9 @@ _BYTE_TRANSLATION = str.maketrans({chr(b): char for b, char in _BYTE_CHARS.items
 
 
 def clean_text(text: str) -> str:
-    """CLIP's text clean-up: fix mojibake, unescape HTML twice, collapse whitespace, lower-case."""
-    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+    """CLIP's text clean-up: fix mojibake, unescape HTML twice, collapse whitespace, lower-case (lone surrogates,
+    which have no UTF-8 bytes to merge, become U+FFFD)."""
+    return without_surrogates(" ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower())
 
 
 class ClipTokenizer:
@@ -70,20 +79,17 @@ class ClipTokenizer:
     def __init__(self, merges: Sequence[str], context_length: int = 77) -> None:
         if isinstance(merges, str):
             raise TypeError("merges must be a sequence of 'left right' lines, not a single string")
-        if context_length < 2:
-            raise ValueError(
-                f"context_length must be at least 2 (room for <start_of_text> and <end_of_text>), got {context_length}"
-            )
+        check_context_length(context_length, "<start_of_text>", "<end_of_text>")
         alphabet = list(_BYTE_CHARS.values())
         known = {*alphabet, *(char + _END_OF_WORD for char in alphabet)}
         pairs: list[tuple[str, str]] = []
         for index, line in enumerate(merges):
             parts = line.split()
             if len(parts) != 2:
-                raise ValueError(f"merge {index} ({line!r}) is not two symbols separated by a space")
+                raise DataError(f"merge {index} ({line!r}) is not two symbols separated by a space")
             left, right = parts
             if left not in known or right not in known:
-                raise ValueError(f"merge {index} ({line!r}) uses a symbol that no earlier merge or byte produces")
+                raise DataError(f"merge {index} ({line!r}) uses a symbol that no earlier merge or byte produces")
             known.add(left + right)
             pairs.append((left, right))
         self._merges = [f"{left} {right}" for left, right in pairs]
@@ -103,30 +109,27 @@ class ClipTokenizer:
         The first line is a header; the next 48894 lines are the merges, as open_clip reads them.
         """
         name = os.fspath(path)
-        try:
-            raw = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"CLIP BPE merges file {name!r} does not exist") from None
+        raw = read_file(path, "CLIP BPE merges file")
         try:
             if raw[:2] == b"\x1f\x8b":
                 raw = gzip.decompress(raw)
             lines = raw.decode("utf-8").split("\n")
         except (OSError, EOFError, zlib.error, UnicodeDecodeError) as err:
-            raise ValueError(f"CLIP BPE merges file {name!r} is corrupt: {err}") from err
+            raise DataError(f"CLIP BPE merges file {name!r} is corrupt: {err}") from None
         merges = lines[1 : 1 + _MERGE_LINES]
         while merges and not merges[-1].strip():
             merges.pop()
         if not merges:
-            raise ValueError(f"CLIP BPE merges file {name!r} holds no merges after its header line")
+            raise DataError(f"CLIP BPE merges file {name!r} holds no merges after its header line")
         try:
             return cls(merges, context_length)
-        except ValueError as err:
-            raise ValueError(f"CLIP BPE merges file {name!r} is not a valid merges file: {err}") from err
+        except DataError as err:
+            raise DataError(f"CLIP BPE merges file {name!r} is not a valid merges file: {err}") from None
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> ClipTokenizer:
         check_spec(cls.kind, spec, ("merges", "context_length"))
-        return cls(list(spec["merges"]), int(spec["context_length"]))
+        return cls(spec_strings(cls.kind, spec, "merges"), spec_int(cls.kind, spec, "context_length"))
 
     def to_spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "merges": list(self._merges), "context_length": self._context_length}

@@ -53,6 +53,13 @@ class RecordStream:
         epoch, offset = self.locate(position)
         return int(self._order(epoch)[offset])
 
+    def __getstate__(self) -> dict:
+        # Grain pickles the sampler into its worker processes: each starts with a lock and cache of its own.
+        return {"epoch_order": self.epoch_order, "epoch_length": self.epoch_length}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["epoch_order"], state["epoch_length"])
+
 
 def shuffled_epochs(num_records: int, seed: int) -> RecordStream:
     """Every record once per epoch, in a fresh permutation of (seed, epoch)."""

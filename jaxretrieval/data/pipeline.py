@@ -7,14 +7,17 @@ and the captions once, in order.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from jaxretrieval.config import Config
 from jaxretrieval.data.clip_bpe import ClipTokenizer
@@ -87,7 +90,60 @@ def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
     return CaptionSource(annotation_files(root, name), root, skip_bad=config.data.skip_bad_records)
 
 
-def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer, start_step: int = 0) -> grain.DataLoader:
+class StackedInOrder:
+    """Batches of `batch_size` elements of a grain DataLoader, stacked in this process. With worker processes grain
+    runs its Batch operation inside each worker, on every W-th element of the stream; stacking after grain's in-order
+    merge keeps each batch the consecutive stream rows the one global data order assigns it. Checkpointable like
+    grain's iterator (its state is the loader's element position, saved at batch boundaries)."""
+
+    def __init__(self, loader: grain.DataLoader, batch_size: int):
+        self.loader = loader
+        self.batch_size = batch_size
+        self._elements = None
+
+    def __iter__(self) -> StackedInOrder:
+        self._elements = iter(self.loader)
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [next(self._elements) for _ in range(self.batch_size)]
+        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+    def get_state(self) -> bytes:
+        return self._elements.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self._elements.set_state(state)
+
+    def start_prefetch(self) -> None:
+        self._elements.start_prefetch()
+
+
+def ordered_loader(source: Any, sampler: GlobalBatchSampler, operations: list,
+                   workers: int) -> grain.DataLoader | StackedInOrder:
+    """This process's batches in the global order: grain batches in-process without workers, and with workers the
+    elements come back in order and are stacked here (see StackedInOrder)."""
+    if not workers:
+        batch = grain.transforms.Batch(sampler.local_batch, drop_remainder=True)
+        return grain.DataLoader(data_source=source, sampler=sampler, shard_options=sampler.shard_options(),
+                                operations=[*operations, batch])
+    allow_grain_workers()
+    loader = grain.DataLoader(data_source=source, sampler=sampler, shard_options=sampler.shard_options(),
+                              operations=operations, worker_count=workers)
+    return StackedInOrder(loader, sampler.local_batch)
+
+
+def allow_grain_workers() -> None:
+    """Grain's worker processes read absl flags (with jax loaded, its worker-profiling flag); without absl's app
+    parsing the command line that read is an error, so the flags are marked parsed and keep their defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer,
+                 start_step: int = 0) -> grain.DataLoader | StackedInOrder:
     """Endless batches of this process's rows of the global batches of one shuffled stream (see
     jaxretrieval.data.order), from global batch `start_step` on."""
     sampler = GlobalBatchSampler(shuffled_epochs(len(source), config.train.seed), config.train.batch_size,
@@ -96,33 +152,61 @@ def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer, st
     view = HybridView(config.model.image.image_size, data.mean, data.std, scale=data.local_scale) \
         if data.hybrid_views else None
     encode = EncodePair(make_preprocess(config), tokenizer, flip=data.flip, skip_bad=data.skip_bad_records,
-                        view=view)
-    return grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        shard_options=sampler.shard_options(),
-        operations=[encode, DropSkipped(), grain.transforms.Batch(sampler.local_batch, drop_remainder=True)],
-        worker_count=config.data.workers,
-    )
+                        view=view, files=source.paths)
+    return ordered_loader(source, sampler, [encode, DropSkipped()], config.data.workers)
 
 
 class GalleryImages:
-    """The gallery images of a source, decoded lazily batch by batch (a split never sits in memory whole)."""
+    """The gallery images of a source, decoded lazily batch by batch (a split never sits in memory whole).
 
-    def __init__(self, paths: list[str], preprocess: Preprocess, threads: int = 0):
+    An image that fails to decode is a DataError naming it, prefixed by `origins[i]` (where the image was listed,
+    e.g. `file:line`) when given. With `skip_bad` it is logged, stands in the batch as zeros and its index joins
+    `skipped`; the evaluation then leaves it out (see `EvalInputs.without_skipped`).
+    """
+
+    def __init__(self, paths: list[str], preprocess: Callable[[Image.Image | str], np.ndarray], threads: int = 0, *,
+                 origins: Sequence[str] | None = None, skip_bad: bool = False):
+        if origins is not None and len(origins) != len(paths):
+            raise ValueError(f"{len(origins)} origins for {len(paths)} gallery images")
         self.paths = paths
         self.preprocess = preprocess
         self.threads = threads
+        self.origins = origins
+        self.skip_bad = skip_bad
+        self.skipped: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _decode(self, index: int) -> np.ndarray:
+        try:
+            return self.preprocess(self.paths[index])
+        except DataError as e:
+            message = f"{self.origins[index]}: {e}" if self.origins is not None else str(e)
+            if not self.skip_bad:
+                raise DataError(message) from None
+            if index not in self.skipped:
+                log.warning("evaluation skips %s", message)
+            self.skipped.add(index)
+            return np.zeros_like(self._placeholder)
+
+    @functools.cached_property
+    def _placeholder(self) -> np.ndarray:
+        """What preprocess makes of a blank image: the shape and dtype a skipped image stands in with."""
+        return self.preprocess(Image.new("RGB", (8, 8)))
+
     def __getitem__(self, index: slice) -> np.ndarray:
-        paths = self.paths[index]
+        indices = range(len(self.paths))[index]
         if self.threads > 1:
             with ThreadPoolExecutor(self.threads) as pool:
-                return np.stack(list(pool.map(self.preprocess, paths)))
-        return np.stack([self.preprocess(path) for path in paths])
+                return np.stack(list(pool.map(self._decode, indices)))
+        return np.stack([self._decode(i) for i in indices])
+
+    def kept(self) -> np.ndarray:
+        """(images,) bool: False for the images skipped so far."""
+        keep = np.ones(len(self.paths), bool)
+        keep[sorted(self.skipped)] = False
+        return keep
 
 
 class EvalInputs(NamedTuple):
@@ -131,19 +215,42 @@ class EvalInputs(NamedTuple):
     text_groups: np.ndarray  # (captions,) group (image_id) of each caption
     image_groups: np.ndarray  # (images,) group of each gallery image
 
+    def without_skipped(self, image_emb: np.ndarray, text_emb: np.ndarray,
+                        protocol: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(image_emb, text_emb, text_groups, image_groups) without the gallery images skipped while embedding.
+
+        A skipped image leaves the gallery. For image_text (gallery image i is group i) its captions leave the
+        queries too and the groups are renumbered, so image i stays group i; for text_to_image captions stay as
+        long as an image of their group remains (a caption with no relevant image left is dropped).
+        """
+        if not self.images.skipped:
+            return image_emb, text_emb, self.text_groups, self.image_groups
+        keep = self.images.kept()
+        if not keep.any():
+            raise DataError(f"every one of the {len(keep)} gallery images was skipped: nothing to evaluate")
+        image_groups = self.image_groups[keep]
+        texts = np.isin(self.text_groups, image_groups)
+        text_groups = self.text_groups[texts]
+        if protocol == "image_text":
+            text_groups = np.searchsorted(image_groups, text_groups).astype(np.int32)
+            image_groups = np.arange(len(image_groups), dtype=np.int32)
+        return image_emb[keep], text_emb[texts], text_groups, image_groups
+
 
 def eval_inputs(config: Config, source: CaptionSource, tokenizer: Tokenizer) -> EvalInputs:
     """The gallery and captions of an evaluation split. For eval.protocol image_text the gallery holds one image
-    per group (so image i is group i); for text_to_image every distinct image, all of its group relevant."""
+    per group (so image i is group i); for text_to_image every distinct image, all of its group relevant. Each
+    gallery image is named by the file:line of its first record; eval.skip_bad_records skips those that fail to
+    decode."""
     text_groups = np.asarray(source.text_to_image(), np.int32)
-    if config.eval.protocol == "image_text":
-        paths = source.images()
-        image_groups = np.arange(len(paths), dtype=np.int32)
-    else:
-        first: dict[str, int] = {}
-        for record in source.records:
-            first.setdefault(record.image, record.group)
-        paths, image_groups = list(first), np.asarray(list(first.values()), np.int32)
-    images = GalleryImages(paths, make_preprocess(config), threads=config.data.workers)
+    first: dict = {}
+    for record in source.records:
+        first.setdefault(record.group if config.eval.protocol == "image_text" else record.image, record)
+    records = list(first.values())
+    paths = [record.image for record in records]
+    image_groups = np.asarray([record.group for record in records], np.int32)
+    images = GalleryImages(paths, make_preprocess(config), threads=config.data.workers,
+                           origins=[source.where(record) for record in records],
+                           skip_bad=config.eval.skip_bad_records)
     tokens = tokenizer([record.caption for record in source.records])
     return EvalInputs(images, tokens, text_groups, image_groups)

@@ -77,7 +77,7 @@ class ReidSource:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+        raise DataError(f"split must be one of {SPLITS}, got '{split}'")
 
 
 def _relabel(records: list[ReidRecord]) -> list[ReidRecord]:
@@ -132,11 +132,19 @@ def _require(item: Any, key: str, types: tuple[type, ...], where: str) -> Any:
 
 def _load_coco(json_path: Path) -> tuple[list, list]:
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
+        data = json.loads(json_path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise DataError(f"annotation file {json_path} does not exist") from None
+    except OSError as e:
+        raise DataError(f"cannot read annotation file {json_path} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{json_path}: not valid UTF-8 text (byte {e.start + 1})") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{json_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise DataError(f"{json_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{json_path}: not valid JSON (nested too deeply)") from None
     return _require(data, "images", (list,), str(json_path)), _require(data, "annotations", (list,), str(json_path))
 
 
@@ -212,8 +220,8 @@ def _identity_groups(pids: np.ndarray, num_ids: int, num_instances: int) -> list
     starts = np.unique(pids[order], return_index=True)[1]
     groups = [g for g in np.split(order, starts[1:]) if _usable(g.size, num_instances)]
     if len(groups) < num_ids:
-        raise ValueError(f"only {len(groups)} identities have enough images (2 or more when K > 1) for batches "
-                         f"of {num_ids} identities x {num_instances} instances")
+        raise DataError(f"only {len(groups)} identities have enough images (2 or more when K > 1) for batches "
+                        f"of {num_ids} identities x {num_instances} instances")
     return groups
 
 
@@ -385,7 +393,8 @@ class ReidEvalTransform:
 
 
 class EncodeReid(grain.transforms.RandomMap):
-    """ReidRecord -> {"image": float32 (H, W, 3), "label": int32 pid, "camera": int32 camid}."""
+    """ReidRecord -> {"image": float32 (H, W, 3), "label": int32 pid, "camera": int32 camid, "origin": [pid, camid]
+    (kept on the host to name a batch's records in errors)}."""
 
     def __init__(self, transform: Callable[[Image.Image | str, np.random.Generator], np.ndarray]):
         self.transform = transform
@@ -393,4 +402,4 @@ class EncodeReid(grain.transforms.RandomMap):
     def random_map(self, record: ReidRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
         image = self.transform(record.path, rng)
         return {"image": np.ascontiguousarray(image, dtype=np.float32), "label": np.int32(record.pid),
-                "camera": np.int32(record.camid)}
+                "camera": np.int32(record.camid), "origin": np.array([record.pid, record.camid], np.int32)}

@@ -3,15 +3,15 @@ the query / gallery splits for evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-import grain
 import jax
 import numpy as np
 
 from jaxretrieval.config import Config
 from jaxretrieval.data.order import GlobalBatchSampler, RecordStream
-from jaxretrieval.data.pipeline import GalleryImages
+from jaxretrieval.data.pipeline import GalleryImages, ordered_loader
 from jaxretrieval.data.reid import (
     EncodeReid,
     ReidEvalTransform,
@@ -66,7 +66,7 @@ def batches_per_epoch(config: Config, source: ReidSource) -> int:
     return pk_num_batches(source.pids, identities_per_batch(config), config.data.num_instances, config.train.seed, 0)
 
 
-def reid_train_loader(config: Config, source: ReidSource, start_step: int = 0) -> grain.DataLoader:
+def reid_train_loader(config: Config, source: ReidSource, start_step: int = 0) -> Iterable[dict]:
     """This process's rows of every global identity-balanced batch, augmented as Centroids-ReID trains."""
     data = config.data
     sampler = GlobalBatchSampler(pk_stream(config, source), config.train.batch_size, jax.process_index(),
@@ -74,21 +74,34 @@ def reid_train_loader(config: Config, source: ReidSource, start_step: int = 0) -
     transform = ReidTrainTransform(size=tuple(data.input_size), mean=data.mean, std=data.std,
                                    flip_prob=0.5 if data.flip else 0.0, padding=data.padding,
                                    erase_prob=data.random_erasing)
-    return grain.DataLoader(
-        data_source=source, sampler=sampler, shard_options=sampler.shard_options(),
-        operations=[EncodeReid(transform), grain.transforms.Batch(sampler.local_batch, drop_remainder=True)],
-        worker_count=data.workers)
+    return ordered_loader(source, sampler, [EncodeReid(transform)], data.workers)
 
 
 class ReidSplit:
-    """One evaluation split: images decoded lazily batch by batch, with their identities and cameras."""
+    """One evaluation split: images decoded lazily batch by batch, with their identities and cameras.
+
+    An image that fails to decode is a DataError naming it; with eval.skip_bad_records it is logged and left out
+    of the split (`without_skipped`), so a query loses its row and a gallery image stops being a match or a
+    centroid member.
+    """
 
     def __init__(self, config: Config, source: ReidSource):
         data = config.data
         transform = ReidEvalTransform(size=tuple(data.input_size), mean=data.mean, std=data.std)
-        self.images = GalleryImages([record.path for record in source], transform, threads=data.workers)
+        self.images = GalleryImages([record.path for record in source], transform, threads=data.workers,
+                                    skip_bad=config.eval.skip_bad_records)
         self.pids = source.pids
         self.camids = source.camids
+        self.name = source.name
+
+    def without_skipped(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(embeddings, pids, camids) of the images not skipped while embedding."""
+        if not self.images.skipped:
+            return embeddings, self.pids, self.camids
+        keep = self.images.kept()
+        if not keep.any():
+            raise DataError(f"every one of the {len(keep)} images of {self.name} was skipped: nothing to evaluate")
+        return embeddings[keep], self.pids[keep], self.camids[keep]
 
 
 def reid_eval_splits(config: Config) -> tuple[ReidSplit, ReidSplit]:

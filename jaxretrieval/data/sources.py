@@ -8,12 +8,15 @@ JSON-lines files (any suffix but `.tsv`/`.txt`) hold one object per line:
     {"image": path relative to root, "caption": text or [text, ...], "image_id": string or int}
 - `caption` as a list (PAB's labelled test file `annotation/test/pair.json`) gives one record per caption,
   all in the image's group; the list must be non-empty and hold only strings.
+- A blank caption (empty or only whitespace, alone or as a list item) is an error; when skipping bad records it
+  is dropped and counted (a line left without captions gives no record).
 - `image_id` is optional: without it the image path is the group key.
 - PAB's training lines (`annotation/train/pair_*.json`) carry extra keys this loss ignores: `hard_i`,
   `hard_c`, `scene` (strings) and `normal` or `anomaly` (string or bool); when given (not null) they are
   type-checked. Any other key is ignored.
 `.tsv`/`.txt` files hold `image path<TAB>caption` lines.
-Every error names file:line (and the key).
+Files are UTF-8 (a byte-order mark is allowed). Every error names file:line (and the key), and every record
+keeps the file and line it came from, so errors found later (an image that does not decode) name them too.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from jaxretrieval.errors import DataError
@@ -34,21 +37,28 @@ _OPTIONAL_KEYS: dict[str, tuple[type, ...]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # slots: millions of them sit in memory
 class CaptionRecord:
     image: str  # absolute path
     caption: str
     group: int  # dense id: every caption of one image shares it
+    file: int = 0  # index of the annotation file in its source's `paths`
+    line: int = 0  # 1-based line in that file; 0: not from a file
 
 
 @dataclasses.dataclass
 class SkipCounts:
     malformed_lines: int = 0
     missing_images: int = 0
+    blank_captions: int = 0
 
     @property
     def total(self) -> int:
-        return self.malformed_lines + self.missing_images
+        return self.malformed_lines + self.missing_images + self.blank_captions
+
+    def __str__(self) -> str:
+        return (f"{self.malformed_lines} malformed lines, {self.missing_images} missing images, "
+                f"{self.blank_captions} blank captions")
 
 
 def _check_type(item: dict, key: str, types: tuple[type, ...], where: str) -> None:
@@ -64,6 +74,10 @@ def parse_json_object(text: str, where: str, required: dict[str, tuple[type, ...
         item = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise DataError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
     for key in required:
@@ -94,14 +108,32 @@ def _parse_json_line(text: str, where: str) -> dict:
         if item.get(key) is not None:
             _check_type(item, key, types, where)
     return {"image": item["image"], "captions": _captions(item, where),
-            "group": item.get("image_id", item["image"])}
+            "group": item.get("image_id", item["image"]), "field": "key 'caption'"}
 
 
 def _parse_tab_line(text: str, where: str) -> dict:
     image, tab, caption = text.rstrip("\r\n").partition("\t")
-    if not tab or not image.strip() or not caption.strip():
+    if not tab or not image.strip():
         raise DataError(f"{where}: expected 'image path<TAB>caption'")
-    return {"image": image.strip(), "captions": [caption.strip()], "group": image.strip()}
+    return {"image": image.strip(), "captions": [caption.strip()], "group": image.strip(), "field": "the caption"}
+
+
+def decode_line(raw: bytes, where: str, first: bool = False) -> str:
+    """One line of a UTF-8 text file (a byte-order mark allowed on the first); bad bytes are a DataError."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 text (byte {e.start + 1} of the line)") from None
+
+
+def raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of every line of a file; a file that cannot be opened is a DataError."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
+    with f:
+        yield from enumerate(f, start=1)
 
 
 def _annotation_paths(annotation_file: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -135,39 +167,55 @@ class CaptionSource:
         self.skipped = SkipCounts()
         self._groups: dict[str | int, int] = {}
         self.records: list[CaptionRecord] = []
-        for path in self.paths:
-            self._read(path)
+        for file, path in enumerate(self.paths):
+            self._read(file, path)
         if not self.records:
             raise DataError(f"{_describe(self.paths)}: no usable records")
         if self.skipped.total:
-            log.warning("%s: skipped %d records (%d malformed lines, %d missing images)", _describe(self.paths),
-                        self.skipped.total, self.skipped.malformed_lines, self.skipped.missing_images)
+            log.warning("%s: skipped %d records (%s)", _describe(self.paths), self.skipped.total, self.skipped)
 
-    def _read(self, path: Path) -> None:
+    def _read(self, file: int, path: Path) -> None:
         parse = _parse_tab_line if path.suffix in (".tsv", ".txt") else _parse_json_line
-        with path.open(encoding="utf-8") as f:
-            for number, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    item = parse(text, where)
-                    image = self.root / item["image"]
-                    if self.check_images and not image.is_file():
-                        raise DataError(f"{where}: image file {image} does not exist")
-                except DataError as e:
-                    if not self.skip_bad:
-                        raise
-                    self._count_skip(e)
-                    continue
+        for number, raw in raw_lines(path):
+            where = f"{path}:{number}"
+            try:
+                text = decode_line(raw, where, first=number == 1)
+                item = parse(text, where) if text.strip() else None
+            except DataError as e:
+                self._bad("malformed_lines", e)
+                continue
+            if item is None:
+                continue
+            image = self.root / item["image"]
+            if self.check_images and not image.is_file():
+                self._bad("missing_images", DataError(f"{where}: image file {image} does not exist"))
+                continue
+            captions = self._usable_captions(item["captions"], f"{where}: {item['field']}")
+            if captions:
                 group = self._groups.setdefault(item["group"], len(self._groups))
-                self.records.extend(CaptionRecord(str(image), caption, group) for caption in item["captions"])
+                self.records.extend(CaptionRecord(str(image), caption, group, file, number) for caption in captions)
 
-    def _count_skip(self, error: DataError) -> None:
+    def _usable_captions(self, captions: list[str], what: str) -> list[str]:
+        """The captions that are not blank; each blank one is an error, or counted when skipping."""
+        usable = []
+        for index, caption in enumerate(captions):
+            if caption.strip():
+                usable.append(caption)
+            else:
+                item = f" item {index}" if len(captions) > 1 else ""
+                self._bad("blank_captions", DataError(f"{what}{item} is blank (empty or only whitespace)"))
+        return usable
+
+    def _bad(self, kind: str, error: DataError) -> None:
+        """Raises `error`, or with skip_bad logs it and counts it under `kind` (a SkipCounts field)."""
+        if not self.skip_bad:
+            raise error
         log.warning("skipping %s", error)
-        missing = "does not exist" in str(error)
-        self.skipped.missing_images += int(missing)
-        self.skipped.malformed_lines += int(not missing)
+        setattr(self.skipped, kind, getattr(self.skipped, kind) + 1)
+
+    def where(self, record: CaptionRecord) -> str:
+        """`file:line` of the annotation a record came from."""
+        return f"{self.paths[record.file]}:{record.line}"
 
     def __len__(self) -> int:
         return len(self.records)

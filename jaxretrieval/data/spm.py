@@ -10,17 +10,23 @@ sentencepiece (which does the normalisation), and the pieces get fairseq's ids: 
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import sentencepiece
 
-from jaxretrieval.data.token_rows import check_spec, pack_rows
+from jaxretrieval.data.token_rows import (
+    check_context_length,
+    check_spec,
+    pack_rows,
+    read_file,
+    spec_int,
+    without_surrogates,
+)
+from jaxretrieval.errors import DataError
 
 _FAIRSEQ = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 _MASK = "<mask>"
@@ -32,8 +38,16 @@ def _load(model: bytes) -> sentencepiece.SentencePieceProcessor:
     try:
         processor.LoadFromSerializedProto(model)
     except RuntimeError as err:
-        raise ValueError(f"not a sentencepiece model: {err}") from None
+        raise DataError(f"not a sentencepiece model: {err}") from None
     return processor
+
+
+def _pieces(processor: sentencepiece.SentencePieceProcessor) -> list[str]:
+    """Every piece's text; a piece that is not UTF-8 (a damaged model the parser still accepts) is a DataError."""
+    try:
+        return [processor.id_to_piece(index) for index in range(processor.get_piece_size())]
+    except UnicodeDecodeError:
+        raise DataError("not a sentencepiece model: a piece is not valid UTF-8") from None
 
 
 class SentencePieceTokenizer:
@@ -46,40 +60,37 @@ class SentencePieceTokenizer:
     kind: ClassVar[str] = "sentencepiece"
 
     def __init__(self, model: bytes, context_length: int = 64) -> None:
-        if context_length < 2:
-            raise ValueError(f"context_length must be at least 2 (room for <s> and </s>), got {context_length}")
+        check_context_length(context_length, "<s>", "</s>")
         self._model = bytes(model)
         self._context_length = int(context_length)
         self._sp = _load(self._model)
-        size = self._sp.get_piece_size()
+        pieces = _pieces(self._sp)
         # transformers: fairseq names first, then PieceToId + 1, except that sentencepiece's unknown id 0 gives <unk>.
-        self._mask_id = size + 1
-        self._ids = {self._sp.id_to_piece(index): index + 1 for index in range(1, size)} | _FAIRSEQ
+        self._mask_id = len(pieces) + 1
+        self._ids = {piece: index + 1 for index, piece in enumerate(pieces) if index} | _FAIRSEQ
         self._ids[_MASK] = self._mask_id
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], context_length: int = 64) -> SentencePieceTokenizer:
         """Read a serialized sentencepiece model: BEiT-3's ``beit3.spm``, XLM-R's ``sentencepiece.bpe.model``..."""
         name = os.fspath(path)
-        try:
-            model = Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ValueError(f"sentencepiece model file {name!r} does not exist") from None
-        except OSError as err:
-            raise ValueError(f"sentencepiece model file {name!r} cannot be read: {err}") from None
+        model = read_file(path, "sentencepiece model file")
         try:
             return cls(model, context_length)
-        except ValueError as err:
-            raise ValueError(f"sentencepiece model file {name!r} is corrupt: {err}") from None
+        except DataError as err:
+            raise DataError(f"sentencepiece model file {name!r} is corrupt: {err}") from None
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> SentencePieceTokenizer:
         check_spec(cls.kind, spec, ("model", "context_length"))
+        if not isinstance(spec["model"], str):
+            raise DataError(f"{cls.kind!r} tokenizer spec: model must be a base64 string, got "
+                            f"{type(spec['model']).__name__}")
         try:
             model = base64.b64decode(spec["model"], validate=True)
-        except (binascii.Error, TypeError) as err:
-            raise ValueError(f"{cls.kind!r} tokenizer spec holds a model that is not base64: {err}") from None
-        return cls(model, int(spec["context_length"]))
+        except ValueError as err:  # binascii.Error, or characters outside ASCII
+            raise DataError(f"{cls.kind!r} tokenizer spec holds a model that is not base64: {err}") from None
+        return cls(model, spec_int(cls.kind, spec, "context_length"))
 
     def to_spec(self) -> dict[str, Any]:
         """JSON-serialisable; embeds the whole sentencepiece model (base64), so a checkpoint needs no other file."""
@@ -150,7 +161,7 @@ class SentencePieceTokenizer:
     def _encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         chunks: list[str] = []
         layout: list[list[str | int]] = []  # per text: special-token strings and indices into chunks
-        for text in texts:
+        for text in map(without_surrogates, texts):
             parts = _SPECIAL.split(text) if "<" in text else [text]
             for index in range(1, len(parts), 2):
                 if parts[index] == _MASK:  # transformers' AddedToken(lstrip=True) for <mask>

@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.data.spm import SentencePieceTokenizer
-from jaxretrieval.data.token_rows import check_spec, pack_rows
+from jaxretrieval.data.token_rows import check_context_length, check_spec, pack_rows, read_file, spec_int, spec_strings
+from jaxretrieval.errors import DataError
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -66,18 +66,17 @@ class WordTokenizer:
     def __init__(self, vocab: Sequence[str], context_length: int) -> None:
         if isinstance(vocab, str):
             raise TypeError("vocab must be a sequence of words, not a single string")
-        if context_length < 2:
-            raise ValueError(f"context_length must be at least 2 (room for <sot> and <eot>), got {context_length}")
+        check_context_length(context_length, "<sot>", "<eot>")
         words = list(vocab)
         seen: set[str] = set()
         for word in words:
             if split_words(word) != [word]:
-                raise ValueError(
+                raise DataError(
                     f"vocabulary word {word!r} is not a single lower-case run of letters and digits, "
                     "so no text would ever produce it"
                 )
             if word in seen:
-                raise ValueError(f"vocabulary word {word!r} appears more than once")
+                raise DataError(f"vocabulary word {word!r} appears more than once")
             seen.add(word)
         self._words = words
         self._context_length = int(context_length)
@@ -87,20 +86,32 @@ class WordTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], context_length: int) -> WordTokenizer:
-        """Read a vocabulary with one word per line; blank lines are ignored."""
+        """Read a UTF-8 vocabulary with one word per line; blank lines are ignored. Errors name the file (and
+        the line of a bad word)."""
+        name = os.fspath(path)
+        raw = read_file(path, "vocabulary file")
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"vocabulary file {os.fspath(path)!r} does not exist") from None
-        words = [line.strip() for line in text.splitlines() if line.strip()]
-        if not words:
-            raise ValueError(f"vocabulary file {os.fspath(path)!r} holds no words")
-        return cls(words, context_length)
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"vocabulary file {name!r} line {line} is not valid UTF-8 text") from None
+        lines = [(number, line.strip()) for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
+        if not lines:
+            raise DataError(f"vocabulary file {name!r} holds no words")
+        first: dict[str, int] = {}
+        for number, word in lines:
+            if split_words(word) != [word]:
+                raise DataError(f"vocabulary file {name!r} line {number}: {word!r} is not a single lower-case run "
+                                f"of letters and digits, so no text would ever produce it")
+            if word in first:
+                raise DataError(f"vocabulary file {name!r} line {number}: {word!r} is already on line {first[word]}")
+            first[word] = number
+        return cls(list(first), context_length)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> WordTokenizer:
         check_spec(cls.kind, spec, ("vocab", "context_length"))
-        return cls(list(spec["vocab"]), int(spec["context_length"]))
+        return cls(spec_strings(cls.kind, spec, "vocab"), spec_int(cls.kind, spec, "context_length"))
 
     @property
     def context_length(self) -> int:
@@ -167,10 +178,13 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Tokenizer]] = {
 
 
 def build_tokenizer(spec: Mapping[str, Any]) -> Tokenizer:
-    """Rebuild a tokenizer from the dict its ``to_spec`` returned."""
+    """Rebuild a tokenizer from the dict its ``to_spec`` returned; a spec that does not describe one is a
+    DataError."""
+    if not isinstance(spec, Mapping):
+        raise DataError(f"a tokenizer spec must be a mapping, got {type(spec).__name__}")
     kind = spec.get("kind")
     builder = _BUILDERS.get(kind) if isinstance(kind, str) else None
     if builder is None:
         known = ", ".join(repr(name) for name in sorted(_BUILDERS))
-        raise ValueError(f"unknown tokenizer kind {kind!r}; known kinds: {known}")
+        raise DataError(f"unknown tokenizer kind {kind!r}; known kinds: {known}")
     return builder(spec)

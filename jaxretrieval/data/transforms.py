@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,17 +23,24 @@ from jaxretrieval.data.sources import CaptionRecord, DataError
 log = logging.getLogger(__name__)
 
 RESIZE_MODES = ("crop", "squash")
+# What PIL raises for a file it cannot decode: UnidentifiedImageError and other OSErrors (truncated or broken
+# data), ValueError (bad header fields, a path holding a NUL), SyntaxError / struct.error / EOFError from format
+# plugins, and DecompressionBombError for an image declaring more pixels than PIL allows.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error,
+                 Image.DecompressionBombError)
 
 
 def load_image(path: str) -> Image.Image:
-    """Opens an image as RGB; a missing or unreadable file is a DataError naming it."""
+    """Opens an image as RGB; a missing or undecodable file is a DataError naming it."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image file {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"image file {path} cannot be read: {e}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image {path} (not in a format PIL recognises)") from None
+    except DECODE_ERRORS as e:
+        raise DataError(f"cannot decode image {path} ({e or type(e).__name__})") from None
 
 
 def _rgb(image: Image.Image | str) -> Image.Image:
@@ -148,37 +157,45 @@ class HybridView:
 
 
 class EncodePair(grain.transforms.RandomMap):
-    """CaptionRecord -> {"image", "text", "group"} arrays; None for a bad image when skipping is allowed.
+    """CaptionRecord -> {"image", "text", "group", "origin"} arrays (origin: the record's annotation file index and
+    line, kept on the host to name a batch's records in errors); None for a bad image when skipping is allowed.
 
     With `view` (e.g. a HybridView: any callable (image, rng) -> array) images go through `view(image, rng)`
-    instead of `preprocess`.
+    instead of `preprocess`. `files` are the annotation files the records' `file` indices point into (the
+    source's `paths`): an image that fails to decode is then named with the file:line of its record.
     """
 
     def __init__(self, preprocess: Preprocess, tokenizer: Callable[[Any], np.ndarray], *, flip: bool,
-                 skip_bad: bool, view: Callable[[Image.Image | str, np.random.Generator], np.ndarray] | None = None):
+                 skip_bad: bool, view: Callable[[Image.Image | str, np.random.Generator], np.ndarray] | None = None,
+                 files: Sequence[str | os.PathLike] = ()):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.flip = flip
         self.skip_bad = skip_bad
         self.view = view
+        self.files = [str(file) for file in files]
         self.skipped = 0  # per process: each grain worker counts its own
 
     def _image(self, path: str, rng: np.random.Generator) -> np.ndarray:
         return self.preprocess(path) if self.view is None else self.view(path, rng)
+
+    def _where(self, record: CaptionRecord) -> str:
+        return f"{self.files[record.file]}:{record.line}: " if record.line and record.file < len(self.files) else ""
 
     def random_map(self, record: CaptionRecord, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
         try:
             pixels = self._image(record.image, rng)
         except DataError as e:
             if not self.skip_bad:
-                raise
+                raise DataError(f"{self._where(record)}{e}") from None
             self.skipped += 1
-            log.warning("skipping %s (%d unreadable images skipped so far in this process)", e, self.skipped)
+            log.warning("skipping %s%s (%d unreadable images skipped so far in this process)", self._where(record),
+                        e, self.skipped)
             return None
         if self.flip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
         return {"image": np.ascontiguousarray(pixels), "text": self.tokenizer(record.caption)[0],
-                "group": np.int32(record.group)}
+                "group": np.int32(record.group), "origin": np.array([record.file, record.line], np.int32)}
 
 
 class DropSkipped(grain.transforms.Filter):
