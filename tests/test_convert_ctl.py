@@ -5,7 +5,6 @@ initialise ours; malformed state dicts are refused by key."""
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 nn = torch.nn
+
+from test_resnet import TorchResNet  # noqa: E402
 
 import jaxretrieval  # noqa: E402
 from convert import ConvertError  # noqa: E402
@@ -49,80 +50,9 @@ def randomise_norms(module: nn.Module, seed: int) -> None:
                 m.running_var.uniform_(0.5, 1.5, generator=g)
 
 
-# ResNet-IBN-a as IBN-Net publishes it (XingangPan/IBN-Net; Centroids-ReID's modelling/backbones/resnet_ibn_a.py):
-# the stem keeps its ReLU, and in layers 1-3 (not in layer 4, whose planes are 512) every bottleneck's first norm is an
-# IBN: InstanceNorm2d(affine=True) on the first half of the channels, BatchNorm2d on the rest. Written here in torch,
-# with a width knob for the small state dicts below; `ibn=False` is the plain bottleneck ResNet of the same keys.
-
-
-class IBN(nn.Module):
-    def __init__(self, planes: int):
-        super().__init__()
-        self.half = planes // 2
-        self.IN = nn.InstanceNorm2d(self.half, affine=True)
-        self.BN = nn.BatchNorm2d(planes - self.half)
-
-    def forward(self, x):
-        first, rest = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
-        return torch.cat([self.IN(first.contiguous()), self.BN(rest.contiguous())], dim=1)
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, ibn: bool, stride: int, downsample: nn.Module | None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn1 = IBN(planes) if ibn else nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU()
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNetIBNa(nn.Module):
-    def __init__(self, layers=(3, 4, 6, 3), width: int = 64, last_stride: int = 1, ibn: bool = True):
-        super().__init__()
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        for i, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, last_stride), strict=True)):
-            setattr(self, f"layer{i + 1}", self._make_layer(width * 2**i, blocks, stride, ibn and i < 3))
-        self.fc = nn.Linear(width * 8 * Bottleneck.expansion, 1000)  # ImageNet head: in the state dict, unused
-        for m in self.modules():  # IBN-Net's initialisation of the convolutions
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-
-    def _make_layer(self, planes: int, blocks: int, stride: int, ibn: bool) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * Bottleneck.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * Bottleneck.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * Bottleneck.expansion))
-        stage = [Bottleneck(self.inplanes, planes, ibn, stride, downsample)]
-        self.inplanes = planes * Bottleneck.expansion
-        stage += [Bottleneck(self.inplanes, planes, ibn, 1, None) for _ in range(1, blocks)]
-        return nn.Sequential(*stage)
-
-    def forward(self, x):
-        """The feature map (the original comments out the pooling and the head)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
 def resnet50_ibn_a(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = ResNetIBNa()
+    model = TorchResNet((3, 4, 6, 3), 64, last_stride=1, stem_relu=True, ibn=True, head=True)
     randomise_norms(model, seed)
     return model.eval()
 
@@ -142,7 +72,7 @@ def torchvision_resnet50(*, stem_relu: bool, seed: int) -> nn.Module:
 
 def feature_map(base: nn.Module, x):
     """The original ResNet.forward: everything before the pooling and ImageNet head."""
-    if isinstance(base, ResNetIBNa):
+    if isinstance(base, TorchResNet):
         return base(x)
     x = base.maxpool(base.relu(base.bn1(base.conv1(x))))
     return base.layer4(base.layer3(base.layer2(base.layer1(x))))
@@ -153,7 +83,7 @@ class TorchCTL(nn.Module):
 
     def __init__(self, base: nn.Module, num_classes: int, seed: int = 5):
         super().__init__()
-        if not isinstance(base, ResNetIBNa):
+        if not isinstance(base, TorchResNet):
             del base.fc  # the original's plain ResNet has no ImageNet head; its ResNet_IBN keeps one
         features = base.layer4[0].conv3.out_channels
         self.backbone = nn.Module()
@@ -256,9 +186,7 @@ def original_state(num_classes: int, layers: tuple[int, ...], width: int, ibn: b
     """The state dict the original writes for a small CTLModel (its ResNet_IBN keeps the unused ImageNet head and
     the batch-norm counters are included), from the PyTorch modules above, not from the converter's layout."""
     torch.manual_seed(0)
-    base = ResNetIBNa(layers, width, ibn=ibn)
-    if not ibn:
-        del base.fc
+    base = TorchResNet(layers, width, last_stride=1, stem_relu=ibn, ibn=ibn, head=ibn)
     model = TorchCTL(base, num_classes)
     randomise_norms(model, 1)
     return {key: value.detach().numpy().copy() for key, value in model.state_dict().items()}

@@ -61,9 +61,13 @@ class TorchBottleneck(nn.Module):
 
 
 class TorchResNet(nn.Module):
-    """The original's ResNet (stem without ReLU) or ResNet_IBN (stem ReLU, IBN in layers 1-3), any width."""
+    """The reference ResNet-50 family, written from the published definitions: Centroids-ReID's ResNet (stem without
+    ReLU) or IBN-Net's ResNet-50-IBN-a (XingangPan/IBN-Net: stem ReLU, and in layers 1-3, whose planes are not 512,
+    every bottleneck's first norm an IBN: InstanceNorm2d(affine) on the first half of the channels, BatchNorm2d on the
+    rest), any width; `head` adds the unused ImageNet classifier IBN-Net's state dicts carry. Convolutions start as
+    IBN-Net initialises them."""
 
-    def __init__(self, layers, width: int, last_stride: int, stem_relu: bool, ibn: bool):
+    def __init__(self, layers, width: int, last_stride: int, stem_relu: bool, ibn: bool, head: bool = False):
         super().__init__()
         self.stem_relu = stem_relu
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
@@ -77,8 +81,14 @@ class TorchResNet(nn.Module):
                 stage.append(TorchBottleneck(d_in, planes, stride if j == 0 else 1, ibn and planes != width * 8))
                 d_in = planes * 4
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        if head:
+            self.fc = nn.Linear(d_in, 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data.normal_(0, (2 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)) ** 0.5)
 
     def forward(self, x):
+        """The feature map (the originals leave the pooling and the head out of forward)."""
         x = self.bn1(self.conv1(x))
         x = self.maxpool(torch.relu(x) if self.stem_relu else x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
