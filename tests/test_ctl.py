@@ -22,10 +22,13 @@ import jaxretrieval  # noqa: E402
 from convert.__main__ import main as convert_main  # noqa: E402
 from jaxretrieval import checkpoint  # noqa: E402
 from jaxretrieval.config import load_config  # noqa: E402
+from jaxretrieval.data.reid_pipeline import reid_eval_splits  # noqa: E402
 from jaxretrieval.evaluate import main as evaluate_main  # noqa: E402
+from jaxretrieval.evaluate import saved_config  # noqa: E402
 from jaxretrieval.losses.metric import CTLLossConfig, ctl_total_loss  # noqa: E402
 from jaxretrieval.models import abstract_model, init_params  # noqa: E402
 from jaxretrieval.optim import learning_rate, make_optimizer  # noqa: E402
+from jaxretrieval.retrieval import evaluate_reid  # noqa: E402
 from jaxretrieval.sharding import global_batch, make_mesh  # noqa: E402
 from jaxretrieval.tasks import make_task  # noqa: E402
 from jaxretrieval.train import setup_training, train  # noqa: E402
@@ -79,9 +82,18 @@ def test_converted_lightning_checkpoint_embeds_and_evaluates_as_the_original(tmp
     assert evaluate_main(["--checkpoint", str(out), "data.kind=reid_demo", f"data.root={root}",
                           "data.demo_num_train=8", "data.demo_num_test=8"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    for key in ("R1", "R5", "mAP", "mINP", "centroid_R1", "centroid_mAP"):
-        assert 0 <= metrics[key] <= 100, key
+    # The same protocol on the torch original's embeddings of the same split.
+    config = saved_config(out, ["data.kind=reid_demo", f"data.root={root}", "data.demo_num_train=8",
+                                "data.demo_num_test=8"])
+    query, gallery = reid_eval_splits(config)
+    with torch.no_grad():
+        embedded = [reference.embed(torch.from_numpy(split.images[0:len(split.images)].transpose(0, 3, 1, 2))).numpy()
+                    for split in (query, gallery)]
+    sets = (embedded[0], query.pids, query.camids, embedded[1], gallery.pids, gallery.camids)
+    want = {**evaluate_reid(*sets, centroids=False),
+            **{f"centroid_{k}": v for k, v in evaluate_reid(*sets, centroids=True).items()}}
     assert metrics["num_valid_queries"] > 0 and metrics["centroid_num_valid_queries"] > 0
+    assert {key: metrics[key] for key in want} == pytest.approx(want, abs=1e-6)
 
     assert convert_main(["ctl", str(src), str(out)]) == 2  # OUT exists: refused, nothing overwritten
     assert "already exists" in capsys.readouterr().err

@@ -69,7 +69,8 @@ def test_skip_bad_records_counts_what_it_skips(demo_root, tmp_path):
     missing = json.dumps({"image": "images/nowhere.png", "caption": "a red circle", "image_id": 7})
     path = write_lines(tmp_path / "ann.jsonl", [good_line(demo_root), "{oops", missing, good_line(demo_root)])
     source = CaptionSource(path, demo_root, skip_bad=True)
-    assert len(source) == 2
+    caption = json.loads(good_line(demo_root))["caption"]
+    assert [(record.line, record.caption) for record in source.records] == [(1, caption), (4, caption)]
     assert (source.skipped.malformed_lines, source.skipped.missing_images) == (1, 1)
 
 
@@ -95,8 +96,14 @@ def test_unreadable_image_skipped_when_allowed(demo_root, tmp_path, caplog):
     (root / "images" / "train_00003.png").write_bytes(b"garbage")
     config = tiny_config(root, **{"train.batch_size": 8, "data.skip_bad_records": True})
     loader = train_loader(config, caption_source(config, root, "train"), make_tokenizer(config, root))
-    batches = [batch for _, batch in zip(range(100), loader, strict=False)]  # over one epoch
+    source = caption_source(config, root, "train")
+    broken = {record.line for record in source.records if record.image.endswith("train_00003.png")}
+    epoch = (len(source) - len(broken)) // 8  # whole batches in one pass over the good records
+    batches = [batch for _, batch in zip(range(epoch), loader, strict=False)]
     assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
+    seen = [line for b in batches for _, line in b["origin"].tolist()]
+    assert broken and not broken & set(seen)  # exactly the broken image's captions are left out
+    assert len(set(seen)) == len(seen) == epoch * 8  # the others once each, in the first epoch
     assert "cannot decode image" in caplog.text and "train_00003.png" in caplog.text
     assert "unreadable images skipped so far" in caplog.text
 
