@@ -379,7 +379,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
             raise ConfigError(f"{path}:{line}: not valid UTF-8 text") from None
         try:
-            loaded = yaml.safe_load(text) or {}
+            loaded = yaml.safe_load(text)
+            loaded = {} if loaded is None else loaded  # an empty file; `0`, `false` or `[]` are refused below
         except _YAML_ERRORS as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

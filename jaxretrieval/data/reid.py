@@ -96,7 +96,8 @@ def _folder_split(root: str | Path, split: str, dataset: str, max_camera: int) -
         try:
             pid, camera = int(match.group(1)), int(match.group(2))  # type: ignore[union-attr]
         except (AttributeError, ValueError):
-            raise DataError(f"{path}: file name does not start with '<pid>_c<camera>'") from None
+            # The original's reader searches the name the same way (re.search, not match).
+            raise DataError(f"{path}: file name holds no '<pid>_c<camera>' (such as 0002_c1s1_000451_03.jpg)") from None
         if pid == JUNK_PID:
             continue
         if pid < 0:
