@@ -145,7 +145,16 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def configure_logging(verbose: bool) -> None:
     """INFO from our loggers; the libraries' warnings (absl, orbax) only with -v."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # absl, imported by orbax, already gave the root logger a plain handler (logging.basicConfig() on its first
+    # log call), so basicConfig alone would change nothing: set the level and our format on the plain handlers.
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler:  # not a test framework's capturing handler
+            handler.setFormatter(formatter)
+    root.setLevel(logging.INFO)
     if not verbose:
         for name in ("absl", "orbax", "jax._src", "grain"):
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -304,3 +304,14 @@ def test_a_workdir_without_room_for_a_checkpoint_is_an_error_before_training(dem
     with pytest.raises(train.OutputPathError, match=f"workdir {tmp_path} has 0 MiB free, a checkpoint needs about"):
         train.train(run_config(demo_root), tmp_path)
     assert not (tmp_path / "checkpoints").exists() or not checkpoint.step_folders(tmp_path / "checkpoints")
+
+
+def test_the_command_says_it_resumed_and_where_its_outputs_are(demo_root, reference, tmp_path):
+    """At default verbosity, from a fresh interpreter (absl has configured logging before ours runs)."""
+    workdir = copy_run(reference, tmp_path)
+    result = subprocess.run(command(workdir, demo_root), env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"INFO jaxretrieval.train: resumed from step {STEPS} of {workdir}" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"outputs in {workdir}: config.yaml, metrics.jsonl")
+    assert "resuming with a changed config: train.checkpoint_every: 4 -> 2" in result.stderr
