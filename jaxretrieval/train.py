@@ -276,7 +276,8 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
 
     pending: tuple[int, dict[str, jax.Array], np.ndarray | None] | None = None
     stopping = False  # agreed on by every process: read from a step's (replicated) metrics
-    with StopSignal() as stop_signal:
+    # The bar closes however the loop ends, so an error line starts on a line of its own.
+    with StopSignal() as stop_signal, bar:
         for step in range(start + 1, cfg.steps + 1):
             host_batch = next(data_iterator)
             origin = host_batch.pop("origin", None)  # stays on the host
@@ -296,14 +297,12 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
                            meta={**meta, "step": step})
             if stopping:
                 ckpts.close()
-                bar.close()
                 raise Preempted(step, stop_signal.received, ckpts.directory / str(step))
             if eval_due(step):
                 ckpts.seal_committed(wait=True)
                 last_eval = evaluate(step)
             ckpts.seal_committed()
     ckpts.close()
-    bar.close()
     return last_eval
 
 

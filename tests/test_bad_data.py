@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +122,23 @@ def test_corrupt_training_image_names_annotation_line_in_grain_workers(broken_de
     with pytest.raises(DataError, match=pattern):
         for _, _ in zip(range(40), loader, strict=False):  # 40 x 8 > 256 records: one epoch at least
             pass
+
+
+def test_corrupt_training_image_is_one_error_line_of_its_own_after_the_progress_bar(broken_demo):
+    """The train command with its progress bar on: the error names the annotation line, on a line of its own."""
+    root, name, line = broken_demo
+    overrides = [f"{key}={value}" for key, value in {
+        "data.kind": "jsonl", "data.root": root, "train.batch_size": 32, "train.steps": 30, "train.progress_bar": True,
+        "model.image.layers": 1, "model.text.layers": 1}.items()]
+    result = subprocess.run([sys.executable, "-m", "jaxretrieval.train", "--config",
+                             str(REPO / "configs/demo/clip_tiny.yaml"), "--workdir", str(root.parent / "run"),
+                             *overrides], env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [text for text in result.stderr.splitlines() if "error:" in text]
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr[-2000:]
+    assert re.search(rf"train\.jsonl:({line}|{line + 1}|{line + 2}): cannot decode image .*{name}", errors[0])
+    assert "Traceback" not in result.stderr
 
 
 def test_corrupt_reid_training_image_names_the_file(tmp_path):
