@@ -156,7 +156,7 @@ def resume(ckpts: checkpoint.RunCheckpoints, loader: Callable[[int], Any], param
             data_start, exact = data_position(saved, step) if same_order else (step, False)
             data_iterator = iter(loader(data_start))
             restored = checkpoint.restore(ckpts.mngr, step, params=params, opt_state=opt_state,
-                                          data_iterator=data_iterator if exact else None)
+                                          data_iterator=data_iterator if exact else None, check=False)
         except checkpoint.CheckpointError as e:
             if verdict.status == "ok":  # its files are as written: a mismatch with this run, not damage
                 raise
@@ -314,9 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume even if model sizes, tokenizer or data order changed since the checkpoint")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
-    errors.add_verbose(parser)
-    args = errors.parse_args(parser, argv)
-    errors.configure_logging(args.verbose)
+    args = errors.parse_command_line(parser, argv)
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
     config = load_config(args.config, args.overrides)
     if initialize_distributed(config.distributed) and jax.process_index() != 0:
