@@ -14,7 +14,7 @@ from pathlib import Path
 
 from convert import ConvertError
 from convert.sources import INSTALL_EXTRA
-from jaxretrieval.errors import add_verbose, command, configure_logging, probe_output_folder, require
+from jaxretrieval.errors import add_verbose, command, parse_command_line, probe_output_folder, require
 
 # The packages each command needs before it reads anything (reading a .safetensors source also needs safetensors).
 NEEDS = {"clip": ("torch",), "beit3": ("torch",), "ctl": ("torch",), "clip-export": ("safetensors",)}
@@ -89,9 +89,7 @@ def _run(args: argparse.Namespace) -> str:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    # Plain parse_args: argparse's intermixed parsing does not support subcommands (nor are there overrides here).
-    args = _parser().parse_args(argv)
-    configure_logging(args.verbose)
+    args = parse_command_line(_parser(), argv)
     for module in NEEDS[args.command]:
         require(module, INSTALL_EXTRA, f"python -m convert {args.command}")
     check_out(args.out)

@@ -22,13 +22,13 @@ def find_demo_config() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxretrieval import errors, evaluate, train
+    from jaxretrieval import evaluate, train
     from jaxretrieval.retrieval import recall_table
 
     parser = argparse.ArgumentParser(prog="python -m jaxretrieval.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
-    args = errors.parse_args(parser, argv)
+    args = parser.parse_intermixed_args(argv)  # overrides anywhere; train and evaluate report the errors
     config = str(find_demo_config())
     train_args = ["--config", config, "--workdir", args.workdir, *args.overrides]
     status = train.main(train_args)

@@ -135,12 +135,16 @@ def add_verbose(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parses options and `key.path=value` overrides in any order (overrides may come before or after options).
-    argparse cannot intermix with sub-commands: their parsers (convert, checkpoint) parse as usual."""
-    if parser._subparsers is not None:
-        return parser.parse_args(argv)
-    return parser.parse_intermixed_args(argv)
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Every command's start: `-v` added, options and `key.path=value` overrides parsed in any order, and logging
+    set up for that verbosity. argparse cannot intermix with sub-commands: those parsers (convert, checkpoint) add
+    `-v` where they want it and parse as usual."""
+    if parser._subparsers is None:
+        args = add_verbose(parser).parse_intermixed_args(argv)
+    else:
+        args = parser.parse_args(argv)
+    configure_logging(getattr(args, "verbose", False))
+    return args
 
 
 def configure_logging(verbose: bool) -> None:

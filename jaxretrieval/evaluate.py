@@ -24,7 +24,7 @@ from jaxretrieval.data.pipeline import EvalInputs, caption_source, data_root, ev
 from jaxretrieval.data.reid_pipeline import ReidSplit, reid_eval_splits
 from jaxretrieval.data.sources import CaptionSource
 from jaxretrieval.data.tokenizers import build_tokenizer
-from jaxretrieval.errors import OutputPathError, add_verbose, command, configure_logging, parse_args, probe_file
+from jaxretrieval.errors import OutputPathError, command, parse_command_line, probe_file
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, evaluate_reid, image_text_recall
 from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
@@ -169,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="step folder, checkpoints folder or workdir")
     parser.add_argument("--output", help="write the metrics JSON here as well as to stdout")
     parser.add_argument("overrides", nargs="*", help="key.path=value (before or after the options)")
-    add_verbose(parser)
-    args = parse_args(parser, argv)
-    configure_logging(args.verbose)
+    args = parse_command_line(parser, argv)
     output = probe_output(args.output)
     config = load_config(args.config, args.overrides) if args.config else None
     # Before reading the checkpoint's config: jax.distributed must start before anything touches jax.

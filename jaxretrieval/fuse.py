@@ -33,10 +33,8 @@ from jaxretrieval.errors import (
     DataError,
     OutputPathError,
     UserError,
-    add_verbose,
     command,
-    configure_logging,
-    parse_args,
+    parse_command_line,
     probe_output_folder,
     require,
 )
@@ -255,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", help="JSON object: query id -> list of relevant gallery ids")
     parser.add_argument("--top-k", type=int, default=10, help="gallery ids per submission line (default 10)")
     parser.add_argument("--output-dir", required=True)
-    add_verbose(parser)
-    args = parse_args(parser, argv)
-    configure_logging(args.verbose)
+    args = parse_command_line(parser, argv)
     out_dir = probe_output_folder(args.output_dir)
     files = compute(args)
     show_metrics(files)

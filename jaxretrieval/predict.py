@@ -15,7 +15,7 @@ from pathlib import Path
 from jaxretrieval.data.pab import gallery_images, read_queries
 from jaxretrieval.data.pipeline import GalleryImages, make_preprocess
 from jaxretrieval.data.tokenizers import build_tokenizer
-from jaxretrieval.errors import ConfigError, add_verbose, command, configure_logging, parse_args, probe_output_folder
+from jaxretrieval.errors import ConfigError, command, parse_command_line, probe_output_folder
 from jaxretrieval.evaluate import embed_inputs, restore_params, saved_config
 from jaxretrieval.fuse import ranking_outputs, report_written, show_metrics, write_outputs
 from jaxretrieval.retrieval.fusion import ScoreMatrix
@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=10, help="gallery stems per submission line (default 10)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="threads decoding images")
-    add_verbose(parser)
-    args = parse_args(parser, argv)
-    configure_logging(args.verbose)
+    args = parse_command_line(parser, argv)
     for option, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{option} must be at least 1, got {value}")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from jaxretrieval.data.sources import CaptionSource
-from jaxretrieval.errors import add_verbose, command, configure_logging, parse_args
+from jaxretrieval.errors import command, parse_command_line
 from jaxretrieval.evaluate import evaluate_checkpoint, probe_output, saved_config, write_metrics
 from jaxretrieval.retrieval import recall_table
 
@@ -35,9 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", help="also write the metrics as JSON here")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="threads decoding images")
-    add_verbose(parser)
-    args = parse_args(parser, argv)
-    configure_logging(args.verbose)
+    args = parse_command_line(parser, argv)
     output = probe_output(args.output)
     metrics = retrieve(args.checkpoint, args.images, args.captions, batch_size=args.batch_size,
                        workers=args.workers)
