@@ -176,8 +176,8 @@ def jax_config(args: argparse.Namespace) -> Any:
         "eval.protocol=reid", "train.loss=ctl", f"train.batch_size={args.batch}", f"data.num_instances={K}",
         "train.optimizer=adam", f"train.lr={LR}", f"train.end_lr={LR}", "train.warmup_steps=0",
         f"train.weight_decay={WEIGHT_DECAY}", f"train.b1={B1}", f"train.b2={B2}", f"train.eps={EPS}",
-        "train.grad_clip=0", f"train.center_lr={CENTER_LR}", f"train.center_loss_weight={CENTER_WEIGHT}",
-        f"train.triplet_margin={MARGIN}", f"train.label_smoothing={SMOOTHING}", f"train.precision={args.precision}",
+        "train.grad_clip=0", f"ctl.center_lr={CENTER_LR}", f"ctl.center_loss_weight={CENTER_WEIGHT}",
+        f"ctl.triplet_margin={MARGIN}", f"ctl.label_smoothing={SMOOTHING}", f"train.precision={args.precision}",
         f"train.seed={args.seed}"])
 
 

@@ -8,12 +8,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxretrieval.data.pipeline import make_preprocess
 from jaxretrieval.data.reid import ReidEvalTransform
-from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.data.transforms import Preprocess
 from jaxretrieval.evaluate import restore_params, saved_config
 from jaxretrieval.sharding import make_mesh
+from jaxretrieval.systems import get_system
 
 
 class RetrievalModel:
@@ -43,10 +42,8 @@ class RetrievalModel:
 
 def load(path: str | Path) -> tuple[RetrievalModel, Preprocess | ReidEvalTransform, object]:
     """(model, preprocess, tokenizer) from a step folder, a checkpoints folder or a training workdir. A re-id
-    model (model.family=ctl) has no text side: its tokenizer is None and `preprocess` resizes to data.input_size."""
+    model (system ctl) has no text side: its tokenizer is None and `preprocess` resizes to data.input_size."""
     config = saved_config(path)
     graphdef, params, meta = restore_params(config, path, make_mesh(config.mesh))
-    if config.model.family == "ctl":
-        data = config.data
-        return RetrievalModel(graphdef, params), ReidEvalTransform(tuple(data.input_size), data.mean, data.std), None
-    return RetrievalModel(graphdef, params), make_preprocess(config), build_tokenizer(meta["tokenizer"])
+    preprocess, tokenizer = get_system(config.system).inference(config, meta)
+    return RetrievalModel(graphdef, params), preprocess, tokenizer

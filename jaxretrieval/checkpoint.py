@@ -145,10 +145,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: A
     return dict(reading(where, lambda: mngr.restore(step, args=ocp.args.Composite(**items))).items())
 
 
-def load_model(path: str | Path, params: Any, *, partial: bool = False) -> tuple[Any, dict]:
+def load_model(path: str | Path, params: Any, *, partial: bool = False,
+               ignore: tuple[str, ...] = ()) -> tuple[Any, dict]:
     """(params, meta) of the checkpoint at `path` (see `locate`), restored into the target `params` tree. With
     `partial` the checkpoint may hold a subset of the tree (a converted backbone): the rest keeps `params`'
-    values; a key the model lacks is still an error."""
+    values; a key the model lacks is still an error, except the top-level keys in `ignore` (read, then dropped:
+    e.g. a CLIP checkpoint's logit scale for a model that has none)."""
     folder, step = locate(path)
     mngr = manager(folder, read_only=True)
     if not partial:
@@ -157,8 +159,14 @@ def load_model(path: str | Path, params: Any, *, partial: bool = False) -> tuple
     where = str(Path(mngr.directory) / str(step))
     verified(folder, step, MODEL_ITEMS)
     saved = reading(where, lambda: mngr.item_metadata(step)["params"])
-    restored = restore(mngr, step, params=_subtree(params, getattr(saved, "tree", saved), where), check=False)
-    return replace_leaves(params, restored["params"]), restored["meta"]
+    saved = getattr(saved, "tree", saved)
+    target = _subtree(params, {k: v for k, v in saved.items() if str(k) not in ignore}, where)
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target.update({k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=one_device) for k, v in saved.items()
+                   if str(k) in ignore and not isinstance(v, Mapping)})
+    restored = restore(mngr, step, params=target, check=False)
+    kept = {k: v for k, v in restored["params"].items() if str(k) not in ignore}
+    return replace_leaves(params, kept), restored["meta"]
 
 
 def _subtree(tree: Any, saved: Any, where: str, prefix: str = "") -> Any:

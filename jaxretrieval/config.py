@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,8 @@ import yaml
 
 from jaxretrieval.errors import ConfigError
 from jaxretrieval.models.presets import MODEL_PRESETS
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -90,7 +93,8 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    # jsonl: annotation files of {"image", "caption", "image_id"} lines; demo: generated captions. Re-id:
+    # jsonl: annotation files of {"image", "caption", "image_id"} lines; albef: ALBEF / CUSA JSON arrays of
+    # {"image_path", "caption", "image_id"}, captions cleaned to max_words words; demo: generated captions. Re-id:
     # market1501, dukemtmc (folders), street2shop (COCO JSON, train_file), reid_demo (generated).
     kind: str = "jsonl"
     root: str = ""  # annotation paths and image paths are relative to this folder
@@ -99,6 +103,7 @@ class DataConfig:
     # Under root: a word vocabulary file, or CLIP BPE merges (*.gz); or "checkpoint": the tokenizer saved
     # with train.init_from.
     tokenizer: str = "vocab.txt"
+    max_words: int = 64  # albef: captions cut to this many words after cleaning
     workers: int = 0  # grain worker processes; 0 decodes in the training process
     skip_bad_records: bool = False  # False: a bad image or line is an error; True: skipped and counted
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
@@ -141,15 +146,12 @@ class TrainConfig:
     # --update_freq).
     micro_batches: int = 1
     accumulation: str = "cache"
-    # contrastive: symmetric InfoNCE; sigmoid: SigLIP's pairwise loss (needs model.init_logit_bias). Variant: local
-    # (the full-batch formula on global arrays; XLA partitions it), gathered (each device its rows against the
+    # One of the system's losses; "" is its first (see `python -m jaxretrieval.systems`). clip / beit3: contrastive
+    # (symmetric InfoNCE) or sigmoid (SigLIP's pairwise loss, needs model.init_logit_bias). Variant: local (the
+    # full-batch formula on global arrays; XLA partitions it), gathered (each device its rows against the
     # all-gathered columns) or ring (column blocks passed around the devices; no device holds the N x N logits).
-    loss: str = "contrastive"  # or ctl: Centroids-ReID's CE + triplet + center + centroid triplet (family ctl)
+    loss: str = ""
     loss_variant: str = "local"
-    label_smoothing: float = 0.1  # ctl
-    triplet_margin: float = 0.5  # ctl: batch-hard and centroid triplet
-    center_loss_weight: float = 5e-4  # ctl: the centres have their own SGD at center_lr
-    center_lr: float = 0.5
     # adamw (decoupled decay on matrices) or adam (torch.optim.Adam: L2 weight_decay added to every gradient).
     optimizer: str = "adamw"
     # cosine: warmup_steps linear, then cosine to end_lr; multistep (with epochs): lr x min(1, (epoch + 1) /
@@ -190,13 +192,13 @@ class DistributedConfig:
 class EvalConfig:
     batch_size: int = 256
     split: str = "test"
-    # image_text: recall both ways (i2t_R*, t2i_R*, rsum); text_to_image: captions rank the gallery images, the
-    # images of the caption's image_id relevant (R1 R5 R10 mAP mINP, the PAB / text-to-person protocol).
-    protocol: str = "image_text"
-    # reid (model.family=ctl): query x gallery splits, the Market protocol (same identity and camera removed):
-    # R1 R5 R10 R20 R50 mAP mINP against the images, and centroid_* against identity centroids (one per identity,
-    # per query camera from the other cameras' images when per_camera_centroids).
-    per_camera_centroids: bool = True
+    # One of the system's protocols; "" is its first. image_text: recall both ways (i2t_R*, t2i_R*, rsum);
+    # text_to_image: captions rank the gallery images, the images of the caption's image_id relevant (R1 R5 R10 mAP
+    # mINP, the PAB / text-to-person protocol); reid (system ctl): query x gallery splits, the Market protocol.
+    protocol: str = ""
+    # image_text: > 1 also reports the metrics averaged over this many folds of consecutive gallery images, keys
+    # prefixed 1k_ (COCO's 1K protocol: 5 folds of the 5K test images).
+    folds: int = 1
     # False: a gallery or query image that cannot be read is an error naming it; True: skipped, counted in the
     # metrics as `skipped` and named in the log.
     skip_bad_records: bool = False
@@ -211,6 +213,10 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class Config:
+    # The system (jaxretrieval/systems/) that trains and evaluates the model: its model, loss, data fields and
+    # evaluation. "" is the one named like model.family. Its own settings are a top-level section of its name
+    # (e.g. `cusa:`), held in `section`.
+    system: str = ""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -223,7 +229,10 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    section: Any = None  # the system's own settings (its `Section` dataclass), read from the key of its name
 
+
+_TOP_LEVEL = {f.name for f in dataclasses.fields(Config)}
 
 # Names users bring from other trainers, pointed at ours in "did you mean" hints.
 ALIASES = {"learning_rate": "lr", "warmup": "warmup_steps", "epochs": "steps", "num_workers": "workers",
@@ -341,8 +350,28 @@ def _parse_override(text: str) -> dict[str, Any]:
     return node
 
 
-def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    """Validates a raw nested dict (file contents merged with overrides) into a Config."""
+def _move_keys(raw: dict[str, Any], moved: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Old dotted keys that a system took into its own section read as their new keys; (raw, the old keys found)."""
+    found = []
+    for old, new in moved.items():
+        section, key = old.split(".")
+        if not isinstance(raw.get(section), dict) or key not in raw[section]:
+            continue
+        raw = {**raw, section: dict(raw[section])}
+        value = raw[section].pop(key)
+        new_section, new_key = new.split(".")
+        target = raw.setdefault(new_section, {})
+        if isinstance(target, dict) and new_key not in target:  # the new key wins where both are given
+            raw[new_section] = {**target, new_key: value}
+        found.append(old)
+    return raw, found
+
+
+def from_dict(raw: dict[str, Any], source: str = "config", *, notices: bool = True) -> Config:
+    """Validates a raw nested dict (file contents merged with overrides) into a Config. `notices`: say which old keys
+    were read under their new names (not for a checkpoint's saved config, which nobody edits)."""
+    from jaxretrieval.systems import SYSTEMS, get_system
+
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw = dict(raw)
@@ -355,10 +384,35 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{source}: unknown model.name '{name}'{hint} (presets: {', '.join(MODEL_PRESETS)})")
     raw["model"] = _merge(MODEL_PRESETS[name], model)
+    system_name = _system_name(raw)
+    if not isinstance(system_name, str):
+        raise ConfigError(f"{source}: system: expected the name of a system, got {system_name!r}")
     try:
-        config = _build(Config, raw, "")
+        system = get_system(system_name)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    raw, moved = _move_keys(raw, system.moved_keys)
+    if moved and notices:
+        log.warning("%s: %s moved to %s's own section (%s); the old keys still work", source, ", ".join(moved),
+                    system.name, ", ".join(system.moved_keys[key] for key in moved))
+    section = raw.pop(system.name, None)
+    for other in SYSTEMS:
+        if other in raw and other not in _TOP_LEVEL:
+            raise ConfigError(f"{source}: '{other}:' holds the settings of system {other}, but this config's system "
+                              f"is {system.name} (set system: {other} to use it)")
+    if "section" in raw:
+        raise ConfigError(f"{source}: unknown config key 'section' (a system's settings go under its name)")
+    try:
+        config = _build(Config, raw, "")
+        settings = _build(system.Section, section or {}, system.name) if system.Section else None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if section is not None and system.Section is None:
+        raise ConfigError(f"{source}: system {system.name} has no settings of its own; remove '{system.name}:'")
+    config = dataclasses.replace(
+        config, system=system.name, section=settings,
+        train=dataclasses.replace(config.train, loss=config.train.loss or system.losses[0]),
+        eval=dataclasses.replace(config.eval, protocol=config.eval.protocol or system.protocols[0]))
     from jaxretrieval.config_checks import validate
 
     validate(config, source)
@@ -366,9 +420,8 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
-                base: dict[str, Any] | None = None, source: str = "defaults") -> Config:
+                base: dict[str, Any] | None = None, source: str = "defaults", notices: bool = True) -> Config:
     """Reads a YAML config file (or starts from `base`) and applies `key.path=value` overrides."""
-    raw: dict[str, Any] = dict(base or {})
     if path is not None:
         source = str(path)
         try:
@@ -385,12 +438,41 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = _merge(raw, loaded)
-    for override in overrides:
-        raw = _merge(raw, _parse_override(override))
+    layers = [dict(base or {}), loaded if path is not None else {}, *map(_parse_override, overrides)]
     if overrides:
         source = f"{source} with overrides {' '.join(overrides)}"
-    return from_dict(raw, source)
+    raw = _merge_all(layers)
+    moved = _moved_keys_of(raw)
+    if moved:  # each layer read in the new names before merging, so a later layer wins whichever names it uses
+        raw = _merge_all([_move_keys(layer, moved)[0] for layer in layers])
+        found = [key for layer in layers for key in _move_keys(layer, moved)[1]]
+        if found and notices:
+            log.warning("%s: %s moved to %s's own section (%s); the old keys still work", source,
+                        ", ".join(dict.fromkeys(found)), _system_name(raw),
+                        ", ".join(moved[key] for key in dict.fromkeys(found)))
+    return from_dict(raw, source, notices=notices)
+
+
+def _merge_all(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    for layer in layers:
+        raw = _merge(raw, layer)
+    return raw
+
+
+def _system_name(raw: dict[str, Any]) -> str:
+    """The system a raw config names: `system`, else model.family (from the file or the model.name preset)."""
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    preset = MODEL_PRESETS.get(model.get("name", ModelConfig.name), {}) if isinstance(model.get("name", ""), str) \
+        else {}
+    return raw.get("system") or model.get("family") or preset.get("family") or ModelConfig.family
+
+
+def _moved_keys_of(raw: dict[str, Any]) -> dict[str, str]:
+    from jaxretrieval.systems import SYSTEMS, get_system
+
+    name = _system_name(raw)
+    return get_system(name).moved_keys if isinstance(name, str) and name in SYSTEMS else {}
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -403,7 +485,12 @@ def to_dict(config: Config) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(config))
+    section = config.section
+    out = plain(dataclasses.asdict(dataclasses.replace(config, section=None)))
+    del out["section"]
+    if section is not None:
+        out[config.system] = plain(dataclasses.asdict(section))
+    return out
 
 
 def save_config(config: Config, path: str | Path) -> None:

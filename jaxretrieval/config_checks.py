@@ -5,18 +5,30 @@ from __future__ import annotations
 import re
 
 from jaxretrieval.config import Config, ConfigError
+from jaxretrieval.systems import SYSTEMS, get_system
+from jaxretrieval.systems.base import System
 
-FAMILIES = ("clip", "beit3", "ctl")
-CAPTION_KINDS = ("jsonl", "demo")
+CAPTION_KINDS = ("jsonl", "demo", "albef")
 REID_KINDS = ("market1501", "dukemtmc", "street2shop", "reid_demo")
 RULE_SET_NAMES = ("replicated", "fsdp", "fsdp_tensor")
 
 
-def _common(config: Config) -> list[tuple[bool, str]]:
+def _one_of(value: str, allowed: tuple[str, ...], key: str, system: str, attribute: str) -> tuple[bool, str]:
+    if value in allowed:
+        return True, ""
+    others = [name for name in SYSTEMS if value in getattr(get_system(name), attribute)]
+    hint = f" ({value} is for system {' or '.join(others)}: set system: {others[0]})" if others else ""
+    return False, f"{key}={value}: system {system} takes {' or '.join(allowed)}{hint}"
+
+
+def _common(config: Config, system: System) -> list[tuple[bool, str]]:
     model, data, train = config.model, config.data, config.train
     return [
-        (model.family in FAMILIES, f"model.family must be one of {', '.join(FAMILIES)}"),
         (data.kind in CAPTION_KINDS + REID_KINDS, f"data.kind must be one of {', '.join(CAPTION_KINDS + REID_KINDS)}"),
+        _one_of(model.family, system.families, "model.family", system.name, "families"),
+        _one_of(data.kind, system.data_kinds, "data.kind", system.name, "data_kinds"),
+        _one_of(train.loss, system.losses, "train.loss", system.name, "losses"),
+        _one_of(config.eval.protocol, system.protocols, "eval.protocol", system.name, "protocols"),
         (config.distributed.initialize in ("auto", "always", "never"),
          "distributed.initialize must be auto, always or never"),
         (train.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
@@ -24,6 +36,8 @@ def _common(config: Config) -> list[tuple[bool, str]]:
         (train.batch_size > 0 and train.steps > 0, "train.batch_size and train.steps must be > 0"),
         (len(data.mean) == 3 and len(data.std) == 3, "data.mean and data.std need 3 values"),
         (train.epochs >= 0, "train.epochs must be >= 0"),
+        (config.eval.folds >= 1, "eval.folds must be >= 1 (1: the whole gallery only)"),
+        (data.max_words >= 1, "data.max_words must be >= 1"),
         (train.micro_batches >= 1 and train.batch_size % train.micro_batches == 0,
          "train.micro_batches must be >= 1 and divide train.batch_size"),
         (train.accumulation in ("cache", "mean"), "train.accumulation must be cache or mean"),
@@ -38,9 +52,10 @@ def _common(config: Config) -> list[tuple[bool, str]]:
     ]
 
 
-def _dual_encoder(config: Config) -> list[tuple[bool, str]]:
+def dual_encoder_checks(config: Config) -> list[tuple[bool, str]]:
+    """The checks of an image tower and a text tower trained on captions (the CLIP-style systems)."""
     model, data = config.model, config.data
-    checks = [
+    return [
         *[(remat in ("none", "full", "dots"), f"model.{tower}.remat must be none, full or dots")
           for tower, remat in (("image", model.image.remat), ("text", model.text.remat),
                                ("multiway", model.multiway.remat))],
@@ -51,56 +66,24 @@ def _dual_encoder(config: Config) -> list[tuple[bool, str]]:
          "model.image.width must divide by heads (> 0)"),
         (model.text.heads > 0 and model.text.width % model.text.heads == 0,
          "model.text.width must divide by heads (> 0)"),
-        (data.kind in CAPTION_KINDS, f"data.kind={data.kind} is re-id data: it needs model.family=ctl"),
         (data.resize in ("crop", "squash"), "data.resize must be crop or squash"),
         (0 < data.local_scale[0] <= data.local_scale[1] <= 1,
          "data.local_scale must be [low, high] with 0 < low <= high <= 1"),
-        (config.eval.protocol in ("image_text", "text_to_image"),
-         "eval.protocol must be image_text or text_to_image for a dual encoder"),
-        (config.train.loss in ("contrastive", "sigmoid"), f"train.loss must be contrastive or sigmoid for "
-                                                          f"model.family={model.family}"),
-        ((config.train.loss == "sigmoid") == (model.init_logit_bias is not None),
-         "train.loss=sigmoid needs model.init_logit_bias (SigLIP: -10), and only it has a logit bias"),
     ]
-    if model.family == "beit3":
-        multiway = model.multiway
-        checks += [
-            (multiway.heads > 0 and multiway.width % multiway.heads == 0,
-             "model.multiway.width must divide by heads (> 0)"),
-            (model.text.context_length <= multiway.max_text_positions - 2,
-             "model.text.context_length must be <= model.multiway.max_text_positions - 2"),
-        ]
-    else:
-        checks += [
-            (model.drop_path == 0, "model.drop_path applies to model.family=beit3 only"),
-            (config.train.layer_decay == 1, "train.layer_decay applies to model.family=beit3 only"),
-        ]
-    return checks
 
 
-def _reid(config: Config) -> list[tuple[bool, str]]:
-    model, data, train = config.model, config.data, config.train
+def no_layer_recipe(config: Config) -> list[tuple[bool, str]]:
+    """For systems without layer depths or stochastic depth."""
     return [
-        (data.kind in REID_KINDS, f"model.family=ctl trains on re-id data: data.kind must be one of "
-                                  f"{', '.join(REID_KINDS)}"),
-        (train.loss == "ctl", "model.family=ctl trains with train.loss=ctl"),
-        (config.eval.protocol == "reid", "model.family=ctl evaluates with eval.protocol=reid"),
-        (data.num_instances >= 2 and train.batch_size % data.num_instances == 0,
-         "data.num_instances must be >= 2 and divide train.batch_size (identities x instances)"),
-        (train.batch_size // max(data.num_instances, 1) >= 2, "a batch needs at least 2 identities"),
-        (train.micro_batches == 1, "train.micro_batches applies to the contrastive losses only"),
-        (model.resnet.last_stride in (1, 2), "model.resnet.last_stride must be 1 or 2"),
-        (len(model.resnet.layers) == 4 and min(model.resnet.layers) >= 1,
-         "model.resnet.layers must be 4 stage depths >= 1"),
-        (model.num_classes >= 0, "model.num_classes must be >= 0 (0: the training split's identities)"),
-        (0 <= data.random_erasing <= 1, "data.random_erasing is a probability"),
-        (min(data.input_size) >= 32, "data.input_size must be (height, width), each >= 32"),
-        (train.center_loss_weight > 0, "train.center_loss_weight must be > 0 (its optimiser divides by it)"),
+        (config.model.drop_path == 0, f"model.drop_path does not apply to system {config.system} (beit3 has it)"),
+        (config.train.layer_decay == 1, f"train.layer_decay does not apply to system {config.system} (beit3 has "
+                                        f"layer depths)"),
     ]
 
 
 def validate(config: Config, source: str = "config") -> None:
-    checks = _common(config) + (_reid(config) if config.model.family == "ctl" else _dual_encoder(config))
+    system = get_system(config.system)
+    checks = _common(config, system) + system.check(config)
     for pattern in config.train.no_decay:
         try:
             re.compile(pattern)

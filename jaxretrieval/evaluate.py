@@ -20,16 +20,17 @@ from jax.sharding import Mesh
 
 from jaxretrieval import checkpoint
 from jaxretrieval.config import Config, load_config
-from jaxretrieval.data.pipeline import EvalInputs, caption_source, data_root, eval_inputs
-from jaxretrieval.data.reid_pipeline import ReidSplit, reid_eval_splits
+from jaxretrieval.data.pipeline import EvalInputs
+from jaxretrieval.data.reid_pipeline import ReidSplit
 from jaxretrieval.data.sources import CaptionSource
 from jaxretrieval.data.tokenizers import build_tokenizer
-from jaxretrieval.errors import OutputPathError, command, parse_command_line, probe_file
+from jaxretrieval.errors import DataError, OutputPathError, command, parse_command_line, probe_file
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, evaluate_reid, image_text_recall
 from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
 from jaxretrieval.retrieval.similarity import topk_similarity
 from jaxretrieval.sharding import initialize_distributed, make_mesh, tree_shardings, under_mesh
+from jaxretrieval.systems import get_system
 
 RECALL_AT = (1, 5, 10)
 
@@ -59,9 +60,11 @@ def embed_inputs(graphdef: nnx.GraphDef, params: dict, images, tokens: np.ndarra
 
 
 def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs: EvalInputs, mesh: Mesh, batch_size: int,
-                       protocol: str = "image_text") -> dict:
+                       protocol: str = "image_text", folds: int = 1) -> dict:
     """Metrics of `protocol` (see EvalConfig.protocol) on one evaluation split, with `skipped`: the gallery images
-    left out because they failed to decode (eval.skip_bad_records; see EvalInputs.without_skipped)."""
+    left out because they failed to decode (eval.skip_bad_records; see EvalInputs.without_skipped). `folds` > 1
+    adds the image_text metrics averaged over that many folds of consecutive images, prefixed `1k_` (COCO's 5-fold
+    1K protocol)."""
     image_emb, text_emb = embed_inputs(graphdef, params, inputs.images, inputs.tokens, mesh, batch_size)
     image_emb, text_emb, text_groups, image_groups = inputs.without_skipped(image_emb, text_emb, protocol)
     if protocol == "text_to_image":
@@ -70,6 +73,8 @@ def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs: EvalInputs,
         metrics = ranking_metrics(text_emb @ image_emb.T, relevant, RECALL_AT)
     else:
         metrics = image_text_recall_all(image_emb, text_emb, text_groups, mesh)
+        if folds > 1:
+            metrics.update(fold_recall(image_emb, text_emb, text_groups, mesh, folds))
     metrics.update(num_images=int(image_emb.shape[0]), num_texts=int(text_emb.shape[0]),
                    skipped=len(inputs.images.skipped))
     return metrics
@@ -85,6 +90,42 @@ def image_text_recall_all(image_emb: np.ndarray, text_emb: np.ndarray, text_to_i
         _, text_top = topk_similarity(text_emb, image_emb, depth, mesh=mesh)
         metrics = image_text_recall_topk(image_top, text_top, text_to_image, RECALL_AT)
     return metrics
+
+
+def within_modality_recall(embeddings: np.ndarray, groups: np.ndarray, mesh: Mesh, prefix: str) -> dict[str, float]:
+    """Recall@K of each item retrieving another item of its group among the others of its own modality (itself left
+    out), over the items that have one; `{prefix}R1` ... (percent) and `{prefix}queries`."""
+    groups = np.asarray(groups)
+    dense = np.unique(groups, return_inverse=True)[1]
+    has_other = np.bincount(dense)[dense] > 1
+    depth = min(max(RECALL_AT) + 1, len(embeddings))
+    if not has_other.any() or depth < 2:
+        return {f"{prefix}queries": 0}
+    _, top = topk_similarity(embeddings[has_other], embeddings, depth, mesh=mesh)
+    rows = np.flatnonzero(has_other)
+    # Drop each row's own index (or, where ties pushed it out of the list, the last entry): depth - 1 others.
+    keep = top != rows[:, None]
+    keep[keep.all(axis=1), -1] = False
+    others = top[keep].reshape(len(top), depth - 1)
+    hits = groups[others] == groups[rows][:, None]
+    out = {f"{prefix}R{k}": 100.0 * float(hits[:, :k].any(axis=1).mean()) for k in RECALL_AT if k < depth}
+    return {**out, f"{prefix}queries": int(len(rows))}
+
+
+def fold_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray, mesh: Mesh,
+                folds: int) -> dict[str, float]:
+    """`image_text_recall_all` per fold of consecutive images (each ranking only its own images and their captions),
+    averaged, keys prefixed `1k_`; the image count must divide into the folds."""
+    if len(image_emb) % folds:
+        raise DataError(f"eval.folds={folds}: the {len(image_emb)} gallery images do not split into equal folds")
+    size = len(image_emb) // folds
+    per_fold = []
+    for fold in range(folds):
+        texts = np.flatnonzero(text_to_image // size == fold)
+        images = slice(fold * size, (fold + 1) * size)
+        per_fold.append(image_text_recall_all(image_emb[images], text_emb[texts], text_to_image[texts] - fold * size,
+                                              mesh))
+    return {f"1k_{key}": float(np.mean([m[key] for m in per_fold])) for key in per_fold[0]}
 
 
 def evaluate_reid_splits(graphdef: nnx.GraphDef, params: dict, splits: tuple[ReidSplit, ReidSplit], mesh: Mesh,
@@ -105,7 +146,7 @@ def evaluate_reid_splits(graphdef: nnx.GraphDef, params: dict, splits: tuple[Rei
 
 def restore_params(config: Config, path: str | Path, mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
     """(graphdef, params placed on the mesh, checkpoint metadata) for the model `config` describes."""
-    graphdef, abstract = abstract_model(config.model, precision=config.train.precision)
+    graphdef, abstract = abstract_model(config, precision=config.train.precision)
     shardings = tree_shardings(abstract, mesh, config.sharding)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     params, meta = checkpoint.load_model(path, target)
@@ -115,22 +156,18 @@ def restore_params(config: Config, path: str | Path, mesh: Mesh) -> tuple[nnx.Gr
 def saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The config a checkpoint was trained with, with overrides applied."""
     meta = checkpoint.read_meta_at(path)
-    return load_config(None, overrides, base=meta["config"], source=f"config saved with checkpoint {path}")
+    return load_config(None, overrides, base=meta["config"], source=f"config saved with checkpoint {path}",
+                       notices=False)
 
 
 def evaluate_checkpoint(config: Config, checkpoint_path: str | Path, source: CaptionSource | None = None) -> dict:
-    """The checkpoint's metrics: image-text recall on the images and captions of `source` (default: eval.split),
-    or for eval.protocol=reid the query split against the gallery."""
+    """The checkpoint's metrics by its system's evaluation of eval.protocol: e.g. image-text recall on the images and
+    captions of `source` (default: eval.split), or for re-id the query split against the gallery."""
     mesh = make_mesh(config.mesh)
     graphdef, params, meta = restore_params(config, checkpoint_path, mesh)
-    if config.eval.protocol == "reid":
-        metrics = evaluate_reid_splits(graphdef, params, reid_eval_splits(config), mesh, config.eval.batch_size,
-                                       config.eval.per_camera_centroids)
-    else:
-        source = source or caption_source(config, data_root(config), config.eval.split)
-        # The tokenizer the model was trained (or converted) with, as saved in its checkpoint.
-        inputs = eval_inputs(config, source, build_tokenizer(meta["tokenizer"]))
-        metrics = evaluate_retrieval(graphdef, params, inputs, mesh, config.eval.batch_size, config.eval.protocol)
+    # The tokenizer the model was trained (or converted) with, as saved in its checkpoint.
+    tokenizer = build_tokenizer(meta["tokenizer"]) if meta.get("tokenizer") else None
+    metrics = get_system(config.system).evaluator(config, tokenizer, source)(graphdef, params, mesh)
     metrics["step"] = meta.get("step")
     return metrics
 

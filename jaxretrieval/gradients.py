@@ -96,6 +96,19 @@ def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "ca
     return {"cache": cache, "mean": mean}[mode]
 
 
+def contrastive_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, accumulation: str = "cache",
+                        loss_fn: LossFn | None = None) -> Callable:
+    """make_grad_fn in the train step's form: (loss, metrics, grads, no state)."""
+    grad_fn = make_grad_fn(graphdef, micro_batches, accumulation, loss_fn)
+
+    def fn(params, batch, key):
+        loss, scalars, grads = grad_fn(params, batch, key)
+        names = ("logit_scale", "logit_bias")[:len(scalars)]
+        return loss, dict(zip(names, scalars, strict=True)), grads, None
+
+    return fn
+
+
 def make_ctl_grad_fn(graphdef: nnx.GraphDef, loss_config: CTLLossConfig
                      ) -> Callable[[Any, dict[str, jax.Array], jax.Array], tuple[jax.Array, dict, Any, Any]]:
     """(params, batch, key) -> (loss, its weighted parts, grads, new batch-norm statistics) of Centroids-ReID's

@@ -1,5 +1,5 @@
 """Optimiser: AdamW with linear warmup and cosine decay, decay masked to matrices, global-norm clipping, and
-layer-wise learning-rate decay where the model family defines layer depths."""
+layer-wise learning-rate decay where the system defines layer depths."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxretrieval.config import TrainConfig
-from jaxretrieval.losses.metric import center_optimizer
 from jaxretrieval.sharding import path_name
 
-# (parameter path -> depth, the depth of the top): what layer-wise lr decay needs from a model family.
+# (parameter path -> depth, the depth of the top): what layer-wise lr decay needs from a system.
 LayerDepth = tuple[Callable[[str], int], int]
 
 
@@ -67,10 +66,11 @@ def scale_by_layer_depth(depth: LayerDepth, decay: float) -> optax.GradientTrans
     return optax.stateless(scale)
 
 
-def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None, roles: Any = None
+def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None, roles: Any = None,
+                   role_optimizers: dict[str, optax.GradientTransformation] | None = None
                    ) -> optax.GradientTransformation:
-    """The model's optimiser; with `roles` (models.parameter_roles) holding "center" or "state" leaves, the
-    centres get the center loss's SGD and the state leaves no update."""
+    """The model's optimiser for the "param" leaves of `roles` (models.parameter_roles); "state" leaves get no update
+    and any other role its optimiser in `role_optimizers` (a system's, e.g. Centroids-ReID's centres)."""
     lr = learning_rate(config)
     if config.optimizer == "adam":  # torch.optim.Adam: L2 weight decay on every parameter, added to the gradient
         adam = optax.chain(optax.add_decayed_weights(config.weight_decay),
@@ -83,10 +83,13 @@ def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None, roles: 
     parts.append(adam)
     if config.layer_decay < 1:
         if depth is None:
-            raise ValueError("train.layer_decay < 1 needs a model family that defines layer depths (beit3)")
+            raise ValueError("train.layer_decay < 1 needs a system that defines layer depths (beit3)")
         parts.append(scale_by_layer_depth(depth, config.layer_decay))
     main = parts[0] if len(parts) == 1 else optax.chain(*parts)
     if roles is None or set(jax.tree.leaves(roles)) == {"param"}:
         return main
-    return optax.multi_transform({"param": main, "state": optax.set_to_zero(),
-                                  "center": center_optimizer(config.center_lr, config.center_loss_weight)}, roles)
+    transforms = {"param": main, "state": optax.set_to_zero(), **(role_optimizers or {})}
+    missing = set(jax.tree.leaves(roles)) - transforms.keys()
+    if missing:
+        raise ValueError(f"no optimiser for the parameter roles {sorted(missing)}")
+    return optax.multi_transform(transforms, roles)

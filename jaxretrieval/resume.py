@@ -70,7 +70,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for every key the resumed run sets differently."""
     try:  # through the schema, so keys added since the run started count as their defaults
-        saved = to_dict(from_dict(saved, "the checkpoint's config"))
+        saved = to_dict(from_dict(saved, "the checkpoint's config", notices=False))
     except ConfigError:
         pass
     old, new = _flatten(saved), _flatten(to_dict(config))

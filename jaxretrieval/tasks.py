@@ -1,5 +1,5 @@
 """What the one train loop needs from a kind of data: batches from a given step, an evaluation, and what checkpoints
-carry besides the config. Image-text pairs (CLIP, BEiT-3) and re-id identities (Centroids-ReID)."""
+carry besides the config. The builders for captioned images and for re-id identities, which systems choose from."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from jaxretrieval.config import Config, ConfigError
 from jaxretrieval.data import reid_pipeline
 from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer, train_loader
 from jaxretrieval.evaluate import evaluate_reid_splits, evaluate_retrieval
+from jaxretrieval.systems import get_system
+from jaxretrieval.systems.base import Evaluator, System
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +42,48 @@ def with_epoch_steps(config: Config, batches_per_epoch: int, what: str) -> Confi
     return dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
 
 
-def image_text_task(config: Config, init_meta: dict) -> Task:
+def image_text_evaluator(config: Config, tokenizer: Any, source: Any = None) -> Evaluator:
+    """eval.protocol (image_text or text_to_image) on `source` (default eval.split) with the model's normalised
+    `encode_image` / `encode_text`."""
+    source = source or caption_source(config, data_root(config), config.eval.split)
+    eval_data = eval_inputs(config, source, tokenizer)
+
+    def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> dict[str, Any]:
+        return evaluate_retrieval(graphdef, params, eval_data, mesh, config.eval.batch_size, config.eval.protocol,
+                                  config.eval.folds)
+
+    return evaluate
+
+
+def image_text_task(config: Config, init_meta: dict, system: System) -> Task:
+    """Captioned images: the system's record fields join each batch; its evaluator scores eval.split."""
     root = data_root(config)
     tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
     source = caption_source(config, root, "train")
     config = with_epoch_steps(config, len(source) // config.train.batch_size, f"{len(source)} records")
-    eval_data = eval_inputs(config, caption_source(config, root, config.eval.split), tokenizer)
-
-    def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> dict[str, Any]:
-        return evaluate_retrieval(graphdef, params, eval_data, mesh, config.eval.batch_size, config.eval.protocol)
+    evaluate = system.evaluator(config, tokenizer)
+    fields = system.record_fields(config, source)
 
     def describe(origin: np.ndarray) -> list[str]:
         return [f"{source.paths[file]}:{line}" for file, line in origin.tolist()]
 
-    return Task(config, lambda start: train_loader(config, source, tokenizer, start_step=start), evaluate,
-                {"tokenizer": tokenizer.to_spec()}, describe)
+    return Task(config, lambda start: train_loader(config, source, tokenizer, start_step=start, fields=fields),
+                evaluate, {"tokenizer": tokenizer.to_spec()}, describe)
 
 
-def reid_task(config: Config) -> Task:
+def reid_evaluator(config: Config) -> Evaluator:
+    """The query split against the gallery (images and identity centroids), from BN-neck features."""
+    splits = reid_pipeline.reid_eval_splits(config)
+    per_camera = config.section.per_camera_centroids
+
+    def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> dict[str, Any]:
+        return evaluate_reid_splits(graphdef, params, splits, mesh, config.eval.batch_size, per_camera)
+
+    return evaluate
+
+
+def reid_task(config: Config, system: System) -> Task:
+    """Identity-balanced batches of re-id folders; model.num_classes defaults to the training identities."""
     source = reid_pipeline.reid_source(config, "train")
     if config.model.num_classes == 0:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=source.num_ids))
@@ -65,19 +91,14 @@ def reid_task(config: Config) -> Task:
         raise ConfigError(f"model.num_classes={config.model.num_classes} but {source} has {source.num_ids} "
                           f"identities")
     config = with_epoch_steps(config, reid_pipeline.batches_per_epoch(config, source), repr(source))
-    splits = reid_pipeline.reid_eval_splits(config)
-
-    def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> dict[str, Any]:
-        return evaluate_reid_splits(graphdef, params, splits, mesh, config.eval.batch_size,
-                                    config.eval.per_camera_centroids)
 
     def describe(origin: np.ndarray) -> list[str]:
         return [f"identity {pid} camera {camera + 1}" for pid, camera in origin.tolist()]
 
-    return Task(config, lambda start: reid_pipeline.reid_train_loader(config, source, start_step=start), evaluate, {},
-                describe)
+    return Task(config, lambda start: reid_pipeline.reid_train_loader(config, source, start_step=start),
+                system.evaluator(config, None), {}, describe)
 
 
 def make_task(config: Config, init_meta: dict) -> Task:
-    """The task of config.model.family; `init_meta` is train.init_from's checkpoint metadata (its tokenizer)."""
-    return reid_task(config) if config.model.family == "ctl" else image_text_task(config, init_meta)
+    """The task of config.system; `init_meta` is train.init_from's checkpoint metadata (its tokenizer)."""
+    return get_system(config.system).task(config, init_meta)

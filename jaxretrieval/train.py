@@ -28,10 +28,7 @@ from tqdm import tqdm
 from jaxretrieval import checkpoint, errors
 from jaxretrieval.config import Config, load_config, save_config, to_dict
 from jaxretrieval.errors import OutputPathError, UserError, probe_folder
-from jaxretrieval.gradients import make_ctl_grad_fn, make_grad_fn
-from jaxretrieval.losses import training_loss
-from jaxretrieval.losses.distributed import LossFn
-from jaxretrieval.losses.metric import CTLLossConfig
+from jaxretrieval.gradients import contrastive_grad_fn
 from jaxretrieval.models import abstract_model, init_params, layer_depth, parameter_roles
 from jaxretrieval.optim import learning_rate, make_optimizer
 from jaxretrieval.resume import Preempted, StopSignal, check_resume_config
@@ -44,6 +41,7 @@ from jaxretrieval.sharding import (
     tree_shardings,
     under_mesh,
 )
+from jaxretrieval.systems import get_system
 from jaxretrieval.tasks import make_task
 
 log = logging.getLogger("jaxretrieval.train")
@@ -54,26 +52,14 @@ class NonFiniteLoss(UserError, FloatingPointError):
     pass
 
 
-def contrastive_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, accumulation: str = "cache",
-                        loss_fn: LossFn | None = None) -> Callable:
-    """make_grad_fn in the train step's form: (loss, metrics, grads, no state)."""
-    grad_fn = make_grad_fn(graphdef, micro_batches, accumulation, loss_fn)
-
-    def fn(params, batch, key):
-        loss, scalars, grads = grad_fn(params, batch, key)
-        names = ("logit_scale", "logit_bias")[:len(scalars)]
-        return loss, dict(zip(names, scalars, strict=True)), grads, None
-
-    return fn
-
-
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0,
-                    grad_fn: Callable | None = None):
+                    grad_fn: Callable | None = None, before_step: Callable | None = None):
     """(params, opt_state, batch, step) -> (params, opt_state, metrics); stochastic layers (drop path) draw from
     a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would.
 
     grad_fn(params, batch, key) -> (loss, metrics, grads, state); state (new batch-norm statistics) replaces
-    those leaves after the update. Default: the whole-batch contrastive loss (`contrastive_grad_fn`).
+    those leaves after the update. Default: the whole-batch contrastive loss (`gradients.contrastive_grad_fn`).
+    `before_step(params) -> params` (a system's, e.g. clamping temperatures) runs first, its result updated.
 
     A batch may carry `stop` (per row: 1 where that row's process received a stop signal): its maximum over the
     global batch comes back as metrics["stop"], so every process reads the same decision."""
@@ -82,6 +68,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
     def train_step(params, opt_state, batch, step):
         batch = dict(batch)
         stop = batch.pop("stop", None)
+        if before_step is not None:
+            params = before_step(params)
         loss, metrics, grads, state = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -94,24 +82,25 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
     return train_step
 
 
+def system_optimizer(config: Config) -> optax.GradientTransformation:
+    """The optimiser of config.train for the system's model: its layer depths and parameter roles."""
+    system = get_system(config.system)
+    return make_optimizer(config.train, layer_depth(config), parameter_roles(config), system.role_optimizers(config))
+
+
 def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any, Callable]:
     """(graphdef, params, optimizer state, jitted step): fresh state placed by the partition rules; the step is
     traced under the mesh, so the towers' activation constraints apply."""
     cfg = config.train
-    graphdef, abstract_params = abstract_model(config.model, precision=cfg.precision)
+    system = get_system(config.system)
+    graphdef, abstract_params = abstract_model(config, precision=cfg.precision)
     param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
-    tx = make_optimizer(cfg, layer_depth(config.model), parameter_roles(config.model))
+    tx = system_optimizer(config)
     opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
-    params = init_params(config.model, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
+    params = init_params(config, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    if cfg.loss == "ctl":
-        grad_fn = make_ctl_grad_fn(graphdef, CTLLossConfig(
-            num_instances=config.data.num_instances, margin=cfg.triplet_margin, label_smoothing=cfg.label_smoothing,
-            center_weight=cfg.center_loss_weight))
-    else:
-        grad_fn = contrastive_grad_fn(graphdef, cfg.micro_batches, cfg.accumulation,
-                                      training_loss(cfg.loss, cfg.loss_variant, mesh))
-    step = make_train_step(graphdef, tx, cfg.seed, grad_fn=grad_fn)
+    step = make_train_step(graphdef, tx, cfg.seed, grad_fn=system.grad_fn(config, graphdef, mesh),
+                           before_step=system.before_step(config))
     step_fn = jax.jit(under_mesh(step, mesh),
                       in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
@@ -212,9 +201,8 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
     if start:
         log.info("resumed from step %d of %s", start, workdir)
     elif cfg.init_from:
-        partial = bool(init_meta.get("partial"))
-        params, _ = checkpoint.load_model(cfg.init_from, params, partial=partial)
-        log.info("initialised %s from %s", "the parts it holds" if partial else "every parameter", cfg.init_from)
+        params = get_system(config.system).init_from(config, params, cfg.init_from, init_meta)
+        log.info("initialised from %s", cfg.init_from)
     if is_main and not (start and (workdir / "config.yaml").exists()):
         save_config(config, workdir / "config.yaml")
     meta = {"config": to_dict(config), **task.meta,

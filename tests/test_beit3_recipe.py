@@ -96,8 +96,8 @@ def test_layer_decay_scales_the_whole_adamw_update():
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("model.drop_path=0.1", "model.drop_path applies to model.family=beit3"),
-    ("train.layer_decay=0.9", "train.layer_decay applies to model.family=beit3"),
+    ("model.drop_path=0.1", "model.drop_path does not apply to system clip"),
+    ("train.layer_decay=0.9", "train.layer_decay does not apply to system clip"),
     ("train.no_decay=['(']", "train.no_decay"),
 ])
 def test_recipe_knobs_are_checked(override, message):

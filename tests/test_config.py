@@ -274,7 +274,9 @@ def test_to_dict_from_dict_round_trip() -> None:
     again = from_dict(raw)
     assert again == config
     assert to_dict(again) == raw
-    assert from_dict(to_dict(Config())) == Config()
+    defaults = from_dict({})  # "" system, loss and protocol resolved to the clip system's
+    assert (defaults.system, defaults.train.loss, defaults.eval.protocol) == ("clip", "contrastive", "image_text")
+    assert from_dict(to_dict(defaults)) == defaults
 
 
 def test_save_load_round_trip(tmp_path) -> None:

@@ -27,10 +27,10 @@ from jaxretrieval.data.pipeline import caption_source, make_tokenizer, train_loa
 from jaxretrieval.data.reid_demo import _camera, _identity, render_person
 from jaxretrieval.data.reid_pipeline import reid_eval_splits
 from jaxretrieval.losses import training_loss
-from jaxretrieval.models import abstract_model, init_params, layer_depth, parameter_roles
-from jaxretrieval.optim import make_optimizer
+from jaxretrieval.models import abstract_model, init_params
 from jaxretrieval.retrieval import evaluate_reid
 from jaxretrieval.sharding import global_batch, make_mesh
+from jaxretrieval.train import system_optimizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -222,7 +222,7 @@ def test_mean_accumulation_step_is_the_mean_of_the_micro_batch_losses(demo_root)
     assert abs(whole - np.mean(each)) > 0.1  # the whole-batch loss (4 more negatives per row) is another number
     assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-4)
 
-    tx = make_optimizer(config.train, layer_depth(config.model), parameter_roles(config.model))
+    tx = system_optimizer(config)
     updates, _ = tx.update(grads, tx.init(start), start)
     expected = as_numpy(optax.apply_updates(start, updates))
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(start),

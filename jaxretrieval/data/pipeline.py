@@ -20,10 +20,11 @@ import numpy as np
 from PIL import Image
 
 from jaxretrieval.config import Config
+from jaxretrieval.data.albef import AlbefCaptionSource
 from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.data.demo import generate_demo
 from jaxretrieval.data.order import GlobalBatchSampler, shuffled_epochs
-from jaxretrieval.data.sources import CaptionSource, DataError
+from jaxretrieval.data.sources import CaptionRecord, CaptionSource, DataError
 from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.data.tokenizers import Tokenizer, WordTokenizer, build_tokenizer
 from jaxretrieval.data.transforms import DropSkipped, EncodePair, HybridView, Preprocess
@@ -84,10 +85,16 @@ def annotation_files(root: Path, pattern: str) -> Path | list[Path]:
 
 
 def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
+    """The records of a split. data.kind albef: ALBEF / CUSA JSON arrays, captions cleaned as ALBEF does (up to
+    data.max_words words); evaluation splits list their images in sorted image_id order, as the originals do."""
     name = {"train": config.data.train_file, "test": config.data.test_file}.get(split)
     if name is None:
         raise DataError(f"unknown split '{split}' (train or test)")
-    return CaptionSource(annotation_files(root, name), root, skip_bad=config.data.skip_bad_records)
+    files = annotation_files(root, name)
+    if config.data.kind == "albef":
+        return AlbefCaptionSource(files, root, skip_bad=config.data.skip_bad_records, max_words=config.data.max_words,
+                                  sort_by_image_id=split != "train")
+    return CaptionSource(files, root, skip_bad=config.data.skip_bad_records)
 
 
 class StackedInOrder:
@@ -142,17 +149,19 @@ def allow_grain_workers() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer,
-                 start_step: int = 0) -> grain.DataLoader | StackedInOrder:
+def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer, start_step: int = 0,
+                 fields: Callable[[CaptionRecord], dict[str, np.ndarray]] | None = None
+                 ) -> grain.DataLoader | StackedInOrder:
     """Endless batches of this process's rows of the global batches of one shuffled stream (see
-    jaxretrieval.data.order), from global batch `start_step` on."""
+    jaxretrieval.data.order), from global batch `start_step` on; `fields` adds a system's per-record arrays."""
     sampler = GlobalBatchSampler(shuffled_epochs(len(source), config.train.seed), config.train.batch_size,
                                  jax.process_index(), jax.process_count(), config.train.seed, start_step)
     data = config.data
     view = HybridView(config.model.image.image_size, data.mean, data.std, scale=data.local_scale) \
         if data.hybrid_views else None
     encode = EncodePair(make_preprocess(config), tokenizer, flip=data.flip, skip_bad=data.skip_bad_records,
-                        view=view, files=source.paths)
+                        view=view, files=source.paths, fields=fields,
+                        where=source.where)
     return ordered_loader(source, sampler, [encode, DropSkipped()], config.data.workers)
 
 

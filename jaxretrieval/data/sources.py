@@ -67,17 +67,24 @@ def _check_type(item: dict, key: str, types: tuple[type, ...], where: str) -> No
         raise DataError(f"{where}: key '{key}' has the wrong type ({type(value).__name__})")
 
 
-def parse_json_object(text: str, where: str, required: dict[str, tuple[type, ...]]) -> dict:
-    """One JSON-lines record: a JSON object holding every `required` key with a value of its types (bool is
-    not an int here); errors name `where` (file:line) and the key."""
+def json_value(text: str, where: str, *, position: bool = False) -> object:
+    """The JSON value in `text`; malformed JSON is a DataError naming `where` (and the line and column of a
+    multi-line file with `position`)."""
     try:
-        item = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        at = f" at line {e.lineno} column {e.colno}" if position else ""
+        raise DataError(f"{where}: not valid JSON ({e.msg}{at})") from None
     except ValueError as e:  # an integer of more digits than Python converts
         raise DataError(f"{where}: not valid JSON ({e})") from None
     except RecursionError:
         raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+
+
+def parse_json_object(text: str, where: str, required: dict[str, tuple[type, ...]]) -> dict:
+    """One JSON-lines record: a JSON object holding every `required` key with a value of its types (bool is
+    not an int here); errors name `where` (file:line) and the key."""
+    item = json_value(text, where)
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
     for key in required:
@@ -229,6 +236,10 @@ class CaptionSource:
         for record in self.records:
             first.setdefault(record.group, record.image)
         return [first[g] for g in range(len(first))]
+
+    def group_keys(self) -> list[str | int]:
+        """The key of every group (its image_id, or image path without one), in group order."""
+        return list(self._groups)
 
     def text_to_image(self) -> list[int]:
         """For every caption, the index of its image in `images()`."""

@@ -158,17 +158,23 @@ class HybridView:
 
 class EncodePair(grain.transforms.RandomMap):
     """CaptionRecord -> {"image", "text", "group", "origin"} arrays (origin: the record's annotation file index and
-    line, kept on the host to name a batch's records in errors); None for a bad image when skipping is allowed.
+    line, kept on the host to name a batch's records in errors), and `fields(record)` when given (a system's extra
+    arrays, e.g. teacher features); None for a bad image when skipping is allowed.
 
     With `view` (e.g. a HybridView: any callable (image, rng) -> array) images go through `view(image, rng)`
     instead of `preprocess`. `files` are the annotation files the records' `file` indices point into (the
-    source's `paths`): an image that fails to decode is then named with the file:line of its record.
+    source's `paths`): an image that fails to decode is then named with the file:line of its record, or by
+    `where(record)` when given (the source's own naming).
     """
 
     def __init__(self, preprocess: Preprocess, tokenizer: Callable[[Any], np.ndarray], *, flip: bool,
                  skip_bad: bool, view: Callable[[Image.Image | str, np.random.Generator], np.ndarray] | None = None,
-                 files: Sequence[str | os.PathLike] = ()):
+                 files: Sequence[str | os.PathLike] = (),
+                 fields: Callable[[CaptionRecord], dict[str, np.ndarray]] | None = None,
+                 where: Callable[[CaptionRecord], str] | None = None):
         self.preprocess = preprocess
+        self.where = where
+        self.fields = fields
         self.tokenizer = tokenizer
         self.flip = flip
         self.skip_bad = skip_bad
@@ -180,6 +186,8 @@ class EncodePair(grain.transforms.RandomMap):
         return self.preprocess(path) if self.view is None else self.view(path, rng)
 
     def _where(self, record: CaptionRecord) -> str:
+        if self.where is not None:
+            return f"{self.where(record)}: "
         return f"{self.files[record.file]}:{record.line}: " if record.line and record.file < len(self.files) else ""
 
     def random_map(self, record: CaptionRecord, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
@@ -194,8 +202,9 @@ class EncodePair(grain.transforms.RandomMap):
             return None
         if self.flip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
+        extra = self.fields(record) if self.fields is not None else {}
         return {"image": np.ascontiguousarray(pixels), "text": self.tokenizer(record.caption)[0],
-                "group": np.int32(record.group), "origin": np.array([record.file, record.line], np.int32)}
+                "group": np.int32(record.group), "origin": np.array([record.file, record.line], np.int32), **extra}
 
 
 class DropSkipped(grain.transforms.Filter):

@@ -16,17 +16,23 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+def clip_towers(config, *, rngs: nnx.Rngs, dtype=jnp.float32) -> tuple[VisionTransformer, TextTransformer]:
+    """CLIP's image and text towers as `config` (a ModelConfig) sizes them, each ending in its projection."""
+    shared = {"embed_dim": config.embed_dim, "activation": config.activation, "rngs": rngs, "dtype": dtype}
+    image, text = config.image, config.text
+    visual = VisionTransformer(image_size=image.image_size, patch_size=image.patch_size, width=image.width,
+                               layers=image.layers, heads=image.heads, mlp_ratio=image.mlp_ratio, remat=image.remat,
+                               **shared)
+    text_tower = TextTransformer(context_length=text.context_length, vocab_size=text.vocab_size, width=text.width,
+                                 layers=text.layers, heads=text.heads, mlp_ratio=text.mlp_ratio, remat=text.remat,
+                                 **shared)
+    return visual, text_tower
+
+
 class CLIP(nnx.Module, LogitScalars):
     def __init__(self, config, *, rngs: nnx.Rngs, dtype=jnp.float32):
         """config: a `jaxretrieval.config.ModelConfig`."""
-        shared = {"embed_dim": config.embed_dim, "activation": config.activation, "rngs": rngs, "dtype": dtype}
-        image, text = config.image, config.text
-        self.visual = VisionTransformer(image_size=image.image_size, patch_size=image.patch_size,
-                                        width=image.width, layers=image.layers, heads=image.heads,
-                                        mlp_ratio=image.mlp_ratio, remat=image.remat, **shared)
-        self.text = TextTransformer(context_length=text.context_length, vocab_size=text.vocab_size,
-                                    width=text.width, layers=text.layers, heads=text.heads,
-                                    mlp_ratio=text.mlp_ratio, remat=text.remat, **shared)
+        self.visual, self.text = clip_towers(config, rngs=rngs, dtype=dtype)
         self.init_logit_scalars(config, config.max_logit_scale)
 
     def encode_image(self, pixels: jax.Array, normalize: bool = False) -> jax.Array:
