@@ -39,61 +39,91 @@ def split_micro_batches(batch: dict[str, jax.Array], micro_batches: int) -> dict
     return jax.tree.map(split, batch)
 
 
-def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "cache",
-                 loss_fn: LossFn | None = None) -> GradFn:
-    """loss_fn(image, text, scalars, ids) (see `training_loss`; default the local InfoNCE) over the batch."""
-    loss_fn = loss_fn or training_loss()
+# (params, batch, key) -> (per-row features, e.g. (image, text) embeddings; the model's loss scalars)
+Embed = Callable[[Any, dict[str, jax.Array], jax.Array], tuple[tuple[jax.Array | None, ...], Any]]
+# (features over the rows, scalars, the rows' batch fields) -> (loss, terms to log)
+BatchLoss = Callable[[tuple[jax.Array | None, ...], Any, dict[str, jax.Array]], tuple[jax.Array, dict]]
 
-    def embed(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, jax.Array, tuple]:
-        model = nnx.merge(graphdef, params)
-        image, text, _ = model(batch["image"], batch["text"], rngs=nnx.Rngs(dropout=key))
-        return image, text, model.loss_scalars()
 
-    def batch_loss(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple]:
-        image, text, scalars = embed(params, batch, key)
-        return loss_fn(image, text, scalars, batch["group"]), scalars
+def micro_batched(embed: Embed, batch_loss: BatchLoss, scalars_of: Callable[[Any], Any], micro_batches: int = 1,
+                  mode: str = "cache") -> Callable:
+    """(params, batch, key) -> (loss, scalars, terms, grads) of a loss over per-row features, the batch whole or
+    in micro-batches (see the module docstring). `scalars_of(params)`: the scalars `embed` returns (temperatures,
+    logit scale), which gradient caching differentiates apart from the features. Features may be None (a head
+    the model lacks)."""
 
-    def whole(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple, Any]:
-        (loss, scalars), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, batch, key)
-        return loss, scalars, grads
+    def whole(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple:
+        def loss_of(p: Any) -> tuple[jax.Array, tuple]:
+            features, scalars = embed(p, batch, key)
+            loss, terms = batch_loss(features, scalars, batch)
+            return loss, (scalars, terms)
 
-    def mean(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple, Any]:
+        (loss, (scalars, terms)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        return loss, scalars, terms, grads
+
+    def mean(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple:
         def accumulate(total: tuple[jax.Array, Any], chunk: tuple[dict, jax.Array]) -> tuple[tuple, tuple]:
-            (loss, scalars), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, *chunk)
-            return (total[0] + loss, jax.tree.map(jnp.add, total[1], grads)), scalars
+            loss, scalars, terms, grads = whole(params, *chunk)
+            return (total[0] + loss, jax.tree.map(jnp.add, total[1], grads)), (scalars, terms)
 
         chunks = (split_micro_batches(batch, micro_batches), jax.random.split(key, micro_batches))
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), scalars = jax.lax.scan(accumulate, zero, chunks)
-        last = tuple(s[-1] for s in scalars)
-        return loss / micro_batches, last, jax.tree.map(lambda g: g / micro_batches, grads)
+        (loss, grads), (scalars, terms) = jax.lax.scan(accumulate, zero, chunks)
+        last = jax.tree.map(lambda s: s[-1], scalars)
+        terms = jax.tree.map(lambda t: t.mean(axis=0), terms)
+        return loss / micro_batches, last, terms, jax.tree.map(lambda g: g / micro_batches, grads)
 
-    def cache(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple, Any]:
+    def cache(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple:
         chunks = split_micro_batches(batch, micro_batches)
         keys = jax.random.split(key, micro_batches)
 
-        def embed_pair(p: Any, chunk: dict, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-            image, text, _ = embed(p, chunk, k)
-            return image, text
+        def features_of(p: Any, chunk: dict, k: jax.Array) -> tuple:
+            return embed(p, chunk, k)[0]
 
-        images, texts = jax.lax.map(lambda c: embed_pair(params, *c), (chunks, keys))
-        flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-        scalars, scalars_vjp = jax.vjp(lambda p: nnx.merge(graphdef, p).loss_scalars(), params)
-        loss, (d_image, d_text, d_scalars) = jax.value_and_grad(loss_fn, argnums=(0, 1, 2))(
-            flat(images), flat(texts), scalars, chunks["group"].reshape(-1))
+        per_chunk = jax.lax.map(lambda c: features_of(params, *c), (chunks, keys))
+        flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])  # noqa: E731
+        features = tuple(flat(f) for f in per_chunk)
+        rows = {name: flat(value) for name, value in chunks.items()}
+        scalars, scalars_vjp = jax.vjp(scalars_of, params)
+        (loss, terms), (d_features, d_scalars) = jax.value_and_grad(
+            lambda f, s: batch_loss(f, s, rows), argnums=(0, 1), has_aux=True)(features, scalars)
 
         def backward(grads: Any, chunk: tuple) -> tuple[Any, None]:
-            inputs, k, g_image, g_text = chunk
-            _, vjp = jax.vjp(lambda p: embed_pair(p, inputs, k), params)
-            return jax.tree.map(jnp.add, grads, vjp((g_image, g_text))[0]), None
+            inputs, k, cotangents = chunk
+            _, vjp = jax.vjp(lambda p: features_of(p, inputs, k), params)
+            return jax.tree.map(jnp.add, grads, vjp(cotangents)[0]), None
 
-        cotangents = (d_image.reshape(images.shape), d_text.reshape(texts.shape))
-        grads, _ = jax.lax.scan(backward, scalars_vjp(d_scalars)[0], (chunks, keys, *cotangents))
-        return loss, scalars, grads
+        cotangents = tuple(None if d is None else d.reshape(f.shape) for d, f in zip(d_features, per_chunk,
+                                                                                        strict=True))
+        grads, _ = jax.lax.scan(backward, scalars_vjp(d_scalars)[0], (chunks, keys, cotangents))
+        return loss, scalars, terms, grads
 
     if micro_batches == 1:
         return whole
     return {"cache": cache, "mean": mean}[mode]
+
+
+def make_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, mode: str = "cache",
+                 loss_fn: LossFn | None = None) -> GradFn:
+    """A dual encoder's (loss, logit scalars, grads) under loss_fn(image, text, scalars, ids) (see `training_loss`;
+    default the local InfoNCE) over the batch, whole or in micro-batches."""
+    loss_fn = loss_fn or training_loss()
+
+    def embed(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[tuple, tuple]:
+        model = nnx.merge(graphdef, params)
+        image, text, _ = model(batch["image"], batch["text"], rngs=nnx.Rngs(dropout=key))
+        return (image, text), model.loss_scalars()
+
+    def batch_loss(features: tuple, scalars: tuple, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+        return loss_fn(*features, scalars, batch["group"]), {}
+
+    grad_fn = micro_batched(embed, batch_loss, lambda p: nnx.merge(graphdef, p).loss_scalars(), micro_batches, mode)
+
+    def fn(params: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple[jax.Array, tuple, Any]:
+        loss, scalars, _, grads = grad_fn(params, batch, key)
+        return loss, scalars, grads
+
+    return fn
 
 
 def contrastive_grad_fn(graphdef: nnx.GraphDef, micro_batches: int = 1, accumulation: str = "cache",

@@ -123,6 +123,28 @@ def test_teachers_reach_the_loss_as_the_original_pairs_them(teachers):
         assert float(expected[term]) > 0
 
 
+def test_gradient_caching_gives_cusas_full_batch_gradient(teachers):
+    """train.micro_batches with accumulation=cache: the loss, every term and every gradient (towers, heads,
+    temperatures) of the whole batch, from micro-batches of 4."""
+    config = load_config(None, cusa_overrides(teachers))
+    batch = {k: v for k, v in next(iter(make_task(config, {}).loader(0))).items() if k != "origin"}
+    system, mesh = get_system("cusa"), make_mesh(config.mesh)
+    graphdef, _ = abstract_model(config)
+    params = system.before_step(config)(init_params(config, seed=0, precision="fp32"))
+    results = []
+    for micro in (1, 4):
+        cached = load_config(None, cusa_overrides(teachers, f"train.micro_batches={micro}"))
+        results.append(jax.jit(system.grad_fn(cached, graphdef, mesh))(params, batch, jax.random.key(0)))
+    (loss, metrics, grads, _), (loss_c, metrics_c, grads_c, _) = results
+    assert float(loss_c) == pytest.approx(float(loss), rel=1e-5)
+    for name in ("loss_contrastive", "loss_cross", "loss_uni", "cross_tau"):
+        assert float(metrics_c[name]) == pytest.approx(float(metrics[name]), rel=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_c), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert float(np.abs(grads["temperatures"]["tau"])) > 0 and float(grads["temperatures"]["cross_soft_tau"]) == 0
+
+
 def test_cusa_trains_through_the_loop_with_its_temperatures(teachers, tmp_path):
     config = load_config(None, cusa_overrides(teachers))
     result = train.train(config, tmp_path / "run")

@@ -23,6 +23,7 @@ from jaxretrieval.config import Config
 from jaxretrieval.config_checks import dual_encoder_checks, no_layer_recipe
 from jaxretrieval.data.demo_teachers import IMAGE_FILE, TEXT_FILE, write_demo_teachers
 from jaxretrieval.data.teacher_features import TeacherTable, load_image_teachers, load_text_teachers
+from jaxretrieval.gradients import micro_batched
 from jaxretrieval.losses.soft_label import SoftLabelLossConfig, clamp_temperatures, cusa_losses, sharded_cusa_losses
 from jaxretrieval.models.cusa import CUSAModel
 from jaxretrieval.retrieval import embed_all
@@ -164,7 +165,6 @@ class CUSA(DualEncoder):
             (not needs_teachers or bool(s.image_teachers and s.text_teachers),
              "cusa.cross and cusa.uni need teacher features: set cusa.image_teachers and cusa.text_teachers (files "
              "under data.root; `python -m jaxretrieval.teachers` writes them), or turn both losses off"),
-            (config.train.micro_batches == 1, "train.micro_batches > 1 is not supported by system cusa yet"),
             (config.train.loss_variant in ("local", "gathered"), "system cusa has loss variants local and gathered"),
             (config.model.init_logit_bias is None, "system cusa has no logit scale or bias (temperatures instead)"),
         ]
@@ -186,21 +186,26 @@ class CUSA(DualEncoder):
             cross_use_loss=s.cross_loss, uni_use_loss=s.uni_loss, cross_mode=s.cross_mode, uni_mode=s.uni_mode)
         losses = cusa_losses if config.train.loss_variant == "local" else sharded_cusa_losses(mesh)
         _, _, uses = temperature_plan(s)
+        heads = ("image_cross", "text_cross", "image_uni", "text_uni")
 
-        def loss_fn(params: Any, batch: dict) -> tuple[Any, dict]:
+        def embed(params: Any, batch: dict, key: Any) -> tuple[tuple, dict]:
             model = nnx.merge(graphdef, params)
-            f = model.features(batch["image"], batch["text"])
-            temps = model.temperature_values()
-            terms = losses(f["image_cross"], f["text_cross"], f["image_uni"], f["text_uni"],
-                           batch.get("teacher_image"), batch.get("teacher_text"), batch["group"],
+            features = model.features(batch["image"], batch["text"])
+            return tuple(features[head] for head in heads), model.temperature_values()
+
+        def batch_loss(features: tuple, temps: dict, batch: dict) -> tuple[Any, dict]:
+            terms = losses(*features, batch.get("teacher_image"), batch.get("teacher_text"), batch["group"],
                            {key: temps[name] for key, name in uses.items()}, loss_config)
-            return terms["total"], {**{f"loss_{k}": v for k, v in terms.items() if k != "total"}, **temps}
+            return terms["total"], {f"loss_{k}": v for k, v in terms.items() if k != "total"}
 
-        def grad_fn(params: Any, batch: dict, key: Any) -> tuple[Any, dict, Any, None]:
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-            return loss, metrics, grads, None
+        grad_fn = micro_batched(embed, batch_loss, lambda p: nnx.merge(graphdef, p).temperature_values(),
+                                config.train.micro_batches, config.train.accumulation)
 
-        return grad_fn
+        def fn(params: Any, batch: dict, key: Any) -> tuple[Any, dict, Any, None]:
+            loss, temps, terms, grads = grad_fn(params, batch, key)
+            return loss, {**terms, **temps}, grads, None
+
+        return fn
 
     def record_fields(self, config: Config, source: Any) -> TeacherFields | None:
         s = config.section
