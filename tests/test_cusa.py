@@ -5,6 +5,7 @@ evaluation extras (text-text recall, COCO's 1K folds) and its errors."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from convert.__main__ import main as convert_main  # noqa: E402
 from jaxretrieval import checkpoint, train  # noqa: E402
 from jaxretrieval.config import load_config, to_dict  # noqa: E402
 from jaxretrieval.data.demo_teachers import IMAGE_FILE, TEXT_FILE, write_demo_teachers  # noqa: E402
+from jaxretrieval.data.pipeline import caption_source  # noqa: E402
 from jaxretrieval.data.sources import DataError  # noqa: E402
 from jaxretrieval.data.teacher_features import load_image_teachers, load_text_teachers, save_teachers  # noqa: E402
 from jaxretrieval.evaluate import fold_recall, within_modality_recall  # noqa: E402
@@ -143,6 +145,21 @@ def test_gradient_caching_gives_cusas_full_batch_gradient(teachers):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4,
                                    err_msg=jax.tree_util.keystr(path))
     assert float(np.abs(grads["temperatures"]["tau"])) > 0 and float(grads["temperatures"]["cross_soft_tau"]) == 0
+
+
+def test_teacher_fields_travel_to_workers_as_memory_maps(teachers):
+    """grain pickles the record transform into each worker: the teacher tables arrive memory-mapped, not copied,
+    and give the same rows."""
+    config = load_config(None, cusa_overrides(teachers))
+    source = caption_source(config, teachers, "train")
+    fields = get_system("cusa").record_fields(config, source)
+    copy = pickle.loads(pickle.dumps(fields))
+    assert isinstance(copy.text_features, np.memmap) and isinstance(copy.image_features, np.memmap)
+    pickled = pickle.dumps(fields)
+    assert fields.text_features[:4].tobytes() not in pickled and fields.image_features[:4].tobytes() not in pickled
+    for record in source.records[:50]:
+        for name, value in fields(record).items():
+            np.testing.assert_array_equal(copy(record)[name], value)
 
 
 def test_cusa_trains_through_the_loop_with_its_temperatures(teachers, tmp_path):

@@ -66,8 +66,8 @@ class TeacherTable:
     def __contains__(self, key: object) -> bool:
         return key in self._rows
 
-    def lookup(self, keys: Sequence[str]) -> np.ndarray:
-        """(len(keys), D) float32: the row of every key; a key not in the table is a DataError naming it."""
+    def rows(self, keys: Sequence[str]) -> np.ndarray:
+        """The row index of every key; a key not in the table is a DataError naming it."""
         rows = np.empty(len(keys), dtype=np.int64)
         for index, key in enumerate(keys):
             row = self._rows.get(key)
@@ -76,7 +76,11 @@ class TeacherTable:
                 raise DataError(f"{self.path}: no {self.what} feature for {key!r} (the file has {len(self)} "
                                 f"ids){hint}")
             rows[index] = row
-        return self.features[rows]
+        return rows
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """(len(keys), D) float32: the feature of every key; a key not in the table is a DataError naming it."""
+        return self.features[self.rows(keys)]
 
     def __repr__(self) -> str:
         return f"TeacherTable({self.path}, {len(self)} x {self.dim} {self.what} features)"

@@ -10,7 +10,11 @@ Start from converted CLIP weights (`train.init_from`); the heads and temperature
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -115,27 +119,61 @@ def temperature_plan(s: CUSASettings) -> tuple[dict[str, tuple[float, bool]], di
 
 
 class TeacherFields:
-    """Per record: its image's and its caption's teacher features (picklable, for grain's workers)."""
+    """Per record: its image's and its caption's teacher features. Picklable for grain's worker processes without a
+    copy per worker: pickled, the feature arrays travel as .npy files that every worker memory-maps (COCO's text
+    table is 1.8 GB in float32)."""
 
-    def __init__(self, image: TeacherTable | None, text: TeacherTable | None, group_keys: list):
-        self.image, self.text, self.keys = image, text, [str(key) for key in group_keys]
+    def __init__(self, image: TeacherTable, text: TeacherTable, source: Any):
+        """Every image id and caption of `source` is looked up here: a missing one is an error naming it."""
+        self.image_rows = image.rows([str(key) for key in source.group_keys()])  # by group
+        captions = sorted({record.caption for record in source.records})
+        self.text_rows = dict(zip(captions, text.rows(captions).tolist(), strict=True))
+        self.image_features, self.text_features = image.features, text.features
 
     def __call__(self, record: Any) -> dict[str, np.ndarray]:
-        fields = {}
-        if self.image is not None:
-            fields["teacher_image"] = self.image.lookup([self.keys[record.group]])[0]
-        if self.text is not None:
-            fields["teacher_text"] = self.text.lookup([record.caption])[0]
-        return fields
+        return {"teacher_image": np.asarray(self.image_features[self.image_rows[record.group]]),
+                "teacher_text": np.asarray(self.text_features[self.text_rows[record.caption]])}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("image_features", "text_features"):
+            state[name] = _spilled(state[name])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in ("image_features", "text_features"):
+            state[name] = np.load(state[name], mmap_mode="r")
+        self.__dict__.update(state)
 
 
-def uni_encoder(graphdef: nnx.GraphDef, modality: str, mesh: Any, params: Any):
-    """batch -> the uni head's normalised embeddings, jitted under the mesh."""
+_SPILLED: dict[int, str] = {}
+
+
+def _spilled(features: np.ndarray) -> str:
+    """A .npy file holding `features` (written once per array, removed at exit), for workers to memory-map."""
+    if isinstance(features, np.memmap) and features.filename:
+        return features.filename
+    if id(features) not in _SPILLED:
+        handle, path = tempfile.mkstemp(prefix="jaxretrieval-teachers-", suffix=".npy")
+        with os.fdopen(handle, "wb") as f:
+            np.save(f, features)
+        atexit.register(lambda: Path(path).unlink(missing_ok=True))
+        _SPILLED[id(features)] = path
+    return _SPILLED[id(features)]
+
+
+@functools.lru_cache(maxsize=8)
+def _uni_encoder(graphdef: nnx.GraphDef, modality: str, mesh: Any):
     def encode(p: Any, x: Any) -> Any:
         model = nnx.merge(graphdef, p)
         return (model.encode_image_uni if modality == "image" else model.encode_text_uni)(x, normalize=True)
 
-    fn = jax.jit(under_mesh(encode, mesh))
+    return jax.jit(under_mesh(encode, mesh))
+
+
+def uni_encoder(graphdef: nnx.GraphDef, modality: str, mesh: Any, params: Any):
+    """batch -> the uni head's normalised embeddings, jitted under the mesh (compiled once per run)."""
+    fn = _uni_encoder(graphdef, modality, mesh)
     return lambda x: fn(params, x)
 
 
@@ -218,10 +256,7 @@ class CUSA(DualEncoder):
             image_file, text_file = image_file or image_path.name, text_file or text_path.name
         image = load_image_teachers(root / image_file, allow_pickle=s.allow_pickle)
         text = load_text_teachers(root / text_file)
-        fields = TeacherFields(image, text, source.group_keys())
-        image.lookup(sorted(set(fields.keys)))  # every id and caption present, or an error naming the first missing
-        text.lookup(sorted({record.caption for record in source.records}))
-        return fields
+        return TeacherFields(image, text, source)
 
     def evaluator(self, config: Config, tokenizer: Any, source: Any = None) -> Evaluator:
         """Image-text recall on the cross heads; with uni heads also text-text recall on the uni text head (a caption
