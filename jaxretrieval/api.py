@@ -36,7 +36,10 @@ class RetrievalModel:
 
     @property
     def logit_scale(self) -> float:
-        """exp(t), clamped as in training."""
+        """exp(t), clamped as in training; a model trained with temperatures instead (CUSA) has none."""
+        if not hasattr(self.module, "scale"):
+            raise AttributeError(f"{type(self.module).__name__} has no logit scale (its losses divide by "
+                                 f"temperatures: see model.temperatures)")
         return float(self.module.scale())
 
 

@@ -18,6 +18,7 @@ open_clip = pytest.importorskip("open_clip")
 
 from test_convert_clip import IMAGE, inputs, open_clip_reference, randomise  # noqa: E402
 
+import jaxretrieval  # noqa: E402
 from convert.__main__ import main as convert_main  # noqa: E402
 from jaxretrieval import checkpoint, train  # noqa: E402
 from jaxretrieval.config import load_config, to_dict  # noqa: E402
@@ -174,6 +175,14 @@ def test_cusa_trains_through_the_loop_with_its_temperatures(teachers, tmp_path):
     assert {"rsum", "uni_t2t_R1", "uni_t2t_R10"} <= result.keys()
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert saved.system == "cusa" and to_dict(saved)["cusa"]["uni_rate"] == 0.5
+    model, preprocess, tokenizer = jaxretrieval.load(tmp_path / "run")  # the cross heads, as retrieval ranks by
+    image = np.stack([preprocess(str(p)) for p in sorted((teachers / "images").glob("test_*.png"))[:2]])
+    text = tokenizer(["a red circle", "a blue square"])
+    expected = nnx.merge(abstract_model(saved)[0], model.params)
+    np.testing.assert_allclose(model.encode_image(image), expected.cross_image(expected.visual(image)), atol=1e-6)
+    np.testing.assert_allclose(model.encode_text(text), expected.cross_text(expected.text(text)), atol=1e-6)
+    with pytest.raises(AttributeError, match="temperatures"):
+        _ = model.logit_scale
 
 
 def test_temperature_plan_follows_the_seed_config_and_frozen_ones_are_state():
