@@ -18,6 +18,7 @@ from jaxretrieval.config import Config, load_config, to_dict
 from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.models import MODEL_PRESETS, abstract_model
 from jaxretrieval.models.beit3 import params_from_torchscale
+from jaxretrieval.models.stacking import relayout
 
 PREFIX = "beit3."
 WRAPPERS = ("model", "module", "state_dict")  # unilm's --model_key "model|module", first match wins
@@ -207,7 +208,7 @@ def import_beit3(src: str | Path, out: str | Path, *, spm: str | Path, image_siz
         sizes = dataclasses.replace(sizes, image_size=image_size)
     config = build_config(sizes)
     _, abstract = abstract_model(config.model)
-    params = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract, params)
+    params = jax.tree.map(lambda a, x: np.asarray(x, a.dtype), abstract, relayout(params, abstract))
     meta = {"config": to_dict(config), "tokenizer": tokenizer.to_spec(),
             "converted_from": {"path": str(src.absolute()), "format": "unilm_beit3"}}
     return write_model(out, params, meta)

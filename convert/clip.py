@@ -29,11 +29,12 @@ from convert.clip_configs import (
 from convert.clip_layout import LAYOUTS, infer_sizes, to_ours, to_theirs
 from convert.sources import INSTALL_EXTRA, load_hf_weights, load_tensors, read_json, save_safetensors
 from jaxretrieval.checkpoint import read_meta_at, write_model
-from jaxretrieval.config import Config, from_dict, to_dict
+from jaxretrieval.config import Config, ModelConfig, from_dict, to_dict
 from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.errors import MissingPackageError, require
 from jaxretrieval.evaluate import restore_params, saved_config
 from jaxretrieval.models import MODEL_PRESETS, abstract_model
+from jaxretrieval.models.stacking import relayout
 from jaxretrieval.sharding import make_mesh, path_name
 
 FORMATS = ("openai", "open_clip", "hf")
@@ -204,7 +205,7 @@ def import_clip(src: str | Path, out: str | Path, *, fmt: str | None = None, con
         warnings.warn(f"the text tower has {sizes['text']['vocab_size']} token ids, the CLIP BPE tokenizer saved "
                       f"with it {tokenizer.vocab_size}", stacklevel=2)
     as_stored = build_config(sizes, settings)
-    _, abstract = abstract_model(as_stored.model)
+    _, abstract = abstract_model(per_layer(as_stored.model))  # the layouts name each layer
     layers = (sizes["image"]["layers"], sizes["text"]["layers"])
     flat = to_ours(layout, layers, source.state, _flat_shapes(abstract), where=str(src))
     final = as_stored
@@ -215,11 +216,17 @@ def import_clip(src: str | Path, out: str | Path, *, fmt: str | None = None, con
         flat["visual/positional_embedding"] = resize_positions(flat["visual/positional_embedding"],
                                                                image_size // patch)
         final = build_config(sizes, settings, image_size)
-        _, abstract = abstract_model(final.model)
+        _, abstract = abstract_model(per_layer(final.model))
     params = jax.tree_util.tree_map_with_path(lambda p, _: flat[path_name(p)], abstract)
+    params = relayout(params, abstract_model(final.model)[1])  # stacked, as the model holds its layers
     meta = {"config": to_dict(final), "tokenizer": tokenizer.to_spec(),
             "converted_from": {"path": str(src.absolute()), "format": source.format}}
     return write_model(out, params, meta)
+
+
+def per_layer(model: ModelConfig) -> ModelConfig:
+    """The model with one module per layer, the layout the PyTorch state dicts are mapped from."""
+    return dataclasses.replace(model, scan_layers=False)
 
 
 def check_exportable(meta: dict[str, Any], checkpoint: str | Path) -> None:
@@ -247,7 +254,9 @@ def export_clip(checkpoint: str | Path, out: str | Path, *, fmt: str) -> Path:
         raise ConvertError(f"{out} already exists; choose a new output folder")
     check_exportable(read_meta_at(checkpoint), checkpoint)
     # Whatever mesh it was trained on, export reads the parameters onto this machine unsharded.
-    config = saved_config(checkpoint, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "sharding=[]"])
+    # One module per layer: the layouts name each layer (a stacked checkpoint is read out layer by layer).
+    config = saved_config(checkpoint, ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "sharding=[]",
+                                       "model.scan_layers=false"])
     _, params, _ = restore_params(config, checkpoint, make_mesh(config.mesh))
     flat = {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     layers = (config.model.image.layers, config.model.text.layers)

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from jaxretrieval import errors, integrity
 from jaxretrieval.errors import CheckpointError
 from jaxretrieval.integrity import Verdict
+from jaxretrieval.models.stacking import needs_relayout, relayout
 from jaxretrieval.sharding import path_name
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,57 @@ def restore(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: A
     where = str(folder / str(step))
     if check:
         verified(folder, step, None if opt_state is not None or data_iterator is not None else MODEL_ITEMS)
-    check_shapes(params, reading(where, lambda: mngr.item_metadata(step)["params"]), where)
-    items = {"params": ocp.args.StandardRestore(params), "meta": ocp.args.JsonRestore()}
-    if opt_state is not None:
-        items["opt_state"] = ocp.args.StandardRestore(opt_state)
+    saved = reading(where, lambda: mngr.item_metadata(step))
+    targets = {"params": params} if opt_state is None else {"params": params, "opt_state": opt_state}
+    # A checkpoint whose layers are laid out otherwise (stacked or one per layer, models/stacking.py) is read in
+    # its own layout and moved into the model's.
+    targets = {name: in_saved_layout(target, _tree(saved[name]), where) for name, target in targets.items()}
+    check_shapes(targets["params"][0], _tree(saved["params"]), where)
+    items = {name: ocp.args.StandardRestore(target) for name, (target, _) in targets.items()}
+    items["meta"] = ocp.args.JsonRestore()
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return dict(reading(where, lambda: mngr.restore(step, args=ocp.args.Composite(**items))).items())
+    restored = dict(reading(where, lambda: mngr.restore(step, args=ocp.args.Composite(**items))).items())
+    return {**restored, **{name: back(restored[name]) for name, (_, back) in targets.items()}}
+
+
+def _tree(metadata: Any) -> Any:
+    return getattr(metadata, "tree", metadata)
+
+
+def in_saved_layout(target: Any, saved: Any, where: str) -> tuple[Any, Callable[[Any], Any]]:
+    """(`target` as abstract arrays in the layout of the checkpoint's tree `saved`, a function moving what is read
+    into `target`'s layout and shardings); the identity where the layouts agree."""
+    if not needs_relayout(saved, target):
+        return target, lambda restored: restored
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                            target)
+    try:
+        in_saved = relayout(abstract, saved, take=_abstract_layer, stack=_abstract_stack)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: the checkpoint does not fit the model: {e.args[0]}") from None
+
+    def back(restored: Any) -> Any:
+        moved = relayout(restored, abstract)
+        return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding) if a.sharding is not None else x, moved,
+                            abstract)
+
+    return in_saved, back
+
+
+def _abstract_layer(stacked: jax.ShapeDtypeStruct, _: int) -> jax.ShapeDtypeStruct:
+    sharding = stacked.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+    return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=sharding)
+
+
+def _abstract_stack(layers: list[jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+    first = layers[0]
+    sharding = first.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.ShapeDtypeStruct((len(layers), *first.shape), first.dtype, sharding=sharding)
 
 
 def load_model(path: str | Path, params: Any, *, partial: bool = False,
@@ -173,6 +218,8 @@ def _subtree(tree: Any, saved: Any, where: str, prefix: str = "") -> Any:
     """The part of `tree` whose keys `saved` (a checkpoint's nested metadata) holds."""
     if not isinstance(saved, Mapping):
         return tree
+    if isinstance(tree, Mapping) and _per_layer(saved) != _per_layer(tree):
+        return tree  # layers stacked on one side, one per layer on the other: restore relays the whole stack out
     ours = {str(key): key for key in tree} if isinstance(tree, Mapping) else {}  # metadata keys may be strings
     out = {}
     for key, value in saved.items():
@@ -180,6 +227,10 @@ def _subtree(tree: Any, saved: Any, where: str, prefix: str = "") -> Any:
             raise CheckpointError(f"{where}: unexpected parameter '{prefix}{key}' (the model has no such part)")
         out[ours[str(key)]] = _subtree(tree[ours[str(key)]], value, where, f"{prefix}{key}/")
     return out
+
+
+def _per_layer(node: Mapping) -> bool:
+    return bool(node) and all(str(key).isdigit() for key in node)
 
 
 def replace_leaves(tree: dict, new: Mapping) -> dict:

@@ -89,6 +89,10 @@ class ModelConfig:
     drop_path: float = 0.0  # stochastic depth of the last layer, rising linearly from 0 (beit3)
     resnet: ResNetConfig = dataclasses.field(default_factory=ResNetConfig)
     num_classes: int = 0  # ctl: identities of the classifier and center loss; 0 = those of the training split
+    # Transformer towers hold their layers stacked (parameters with a leading layer axis) and run them as one
+    # scanned layer: init and compile time independent of depth. false: one module per layer (the same numbers;
+    # checkpoints of either layout load into both).
+    scan_layers: bool = True
 
 
 @dataclasses.dataclass
@@ -168,6 +172,10 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     progress_bar: bool = True
+    # XLA's persistent compilation cache, so a resumed or repeated run does not compile again: auto keeps it in
+    # .jax_cache beside the workdir (shared by the runs in that folder), or a folder, or off (false). The
+    # environment's JAX_COMPILATION_CACHE_DIR, where set, wins.
+    compilation_cache: str | bool = "auto"
 
 
 @dataclasses.dataclass

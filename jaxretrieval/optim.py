@@ -9,10 +9,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxretrieval.config import TrainConfig
-from jaxretrieval.sharding import path_name
+from jaxretrieval.sharding import is_stacked, path_name
 
 # (parameter path -> depth, the depth of the top): what layer-wise lr decay needs from a system.
 LayerDepth = tuple[Callable[[str], int], int]
@@ -43,10 +44,12 @@ def multistep_by_epoch(config: TrainConfig) -> optax.Schedule:
 
 def decay_mask(params: Any, exclude: Sequence[str] = ()) -> Any:
     """Weight decay on matrices and embeddings only (no biases, norm gains, class token or logit scale), and not
-    on parameters whose path matches a regex in `exclude`."""
+    on parameters whose path matches a regex in `exclude`. A stacked layer parameter is judged per layer (its
+    leading layer axis does not count)."""
     def decays(path: tuple, p: Any) -> bool:
         name = path_name(path)
-        return p.ndim >= 2 and not any(re.search(pattern, name) for pattern in exclude)
+        rank = np.ndim(p) - (1 if is_stacked(name) else 0)
+        return rank >= 2 and not any(re.search(pattern, name) for pattern in exclude)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -54,7 +57,14 @@ def decay_mask(params: Any, exclude: Sequence[str] = ()) -> Any:
 def layer_lr_scales(params: Any, depth: LayerDepth, decay: float) -> Any:
     """decay ** (top - depth) per parameter: the top (heads) learns at the full rate, embeddings slowest."""
     depth_of, top = depth
-    return jax.tree_util.tree_map_with_path(lambda path, _: decay ** (top - depth_of(path_name(path))), params)
+
+    def scale(path: tuple, leaf: Any) -> Any:
+        factor = decay ** (top - np.asarray(depth_of(path_name(path)), np.float64))
+        if factor.ndim:  # a stacked layer parameter: one factor per layer, along its first axis
+            return factor.reshape(-1, *[1] * (np.ndim(leaf) - 1)).astype(np.float32)
+        return float(factor)
+
+    return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def scale_by_layer_depth(depth: LayerDepth, decay: float) -> optax.GradientTransformation:

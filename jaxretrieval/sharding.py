@@ -99,13 +99,31 @@ def fsdp_spec(shape: tuple[int, ...], axis_size: int, axis: str = "fsdp") -> Par
     return PartitionSpec()
 
 
+# A layer stack (models/stacking.py) holds `.../blocks/<leaf>` with a leading layer axis where one module per layer
+# holds `.../blocks/<i>/<leaf>`.
+STACK_NAMES = ("blocks", "layers")
+INDEXED_LAYER = re.compile(rf"(^|/)({'|'.join(STACK_NAMES)})/(\d+)/")
+STACKED_LAYER = re.compile(rf"(^|/)({'|'.join(STACK_NAMES)})/(?!\d+/)")
+
+
+def is_stacked(path: str) -> bool:
+    """Whether a "/"-joined parameter path lies in a layer stack (its first axis counts the layers)."""
+    return bool(STACKED_LAYER.search(path)) and not INDEXED_LAYER.search(path)
+
+
 def spec_for(name: str, shape: tuple[int, ...], rules: list[list[Any]],
              mesh_shape: dict[str, int] | None = None) -> PartitionSpec:
+    """The first matching rule's spec. On a stacked layer parameter the rules describe one layer: the layer axis
+    stays whole (a spec one axis short gets a leading None; fsdp picks among the other dimensions)."""
+    stacked = is_stacked(name) and len(shape) > 0
     for pattern, spec in rules:
         if re.search(pattern, name):
             if spec == "fsdp":
-                return fsdp_spec(shape, (mesh_shape or {}).get("fsdp", 1))
+                inner = fsdp_spec(shape[1:] if stacked else shape, (mesh_shape or {}).get("fsdp", 1))
+                return PartitionSpec(None, *inner, *[None] * (len(shape) - 1 - len(inner))) if stacked else inner
             spec = tuple(spec or ())
+            if stacked and len(spec) == len(shape) - 1:
+                spec = (None, *spec)
             if len(spec) > len(shape):
                 raise ValueError(f"sharding rule '{pattern}' gives {len(spec)} axes to {name} of rank {len(shape)}")
             return PartitionSpec(*spec)

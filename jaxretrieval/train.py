@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -88,24 +89,47 @@ def system_optimizer(config: Config) -> optax.GradientTransformation:
     return make_optimizer(config.train, layer_depth(config), parameter_roles(config), system.role_optimizers(config))
 
 
-def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any, Callable]:
-    """(graphdef, params, optimizer state, jitted step): fresh state placed by the partition rules; the step is
-    traced under the mesh, so the towers' activation constraints apply."""
+class TrainingSetup(NamedTuple):
+    graphdef: nnx.GraphDef
+    params: Any  # abstract: ShapeDtypeStructs with the shardings the partition rules give
+    opt_state: Any  # abstract, likewise
+    fresh_params: Callable[[], Any]  # freshly initialised parameters, created in their shardings
+    init_opt_state: Callable[[Any], Any]  # the optimiser state of given parameters
+    step_fn: Callable  # the jitted train step
+
+
+def prepare_training(config: Config, mesh: Mesh) -> TrainingSetup:
+    """Everything the loop needs, nothing allocated: a resumed run restores straight into the abstract state and a
+    run from train.init_from reads its parameters, neither paying for a random init. The step is traced under the
+    mesh, so the towers' activation constraints apply."""
     cfg = config.train
     system = get_system(config.system)
-    graphdef, abstract_params = abstract_model(config, precision=cfg.precision)
-    param_shardings = tree_shardings(abstract_params, mesh, config.sharding)
+    graphdef, abstract = abstract_model(config, precision=cfg.precision)
+    param_shardings = tree_shardings(abstract, mesh, config.sharding)
     tx = system_optimizer(config)
-    opt_shardings = tree_shardings(jax.eval_shape(tx.init, abstract_params), mesh, config.sharding)
-    params = init_params(config, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    opt_shardings = tree_shardings(abstract_opt, mesh, config.sharding)
     step = make_train_step(graphdef, tx, cfg.seed, grad_fn=system.grad_fn(config, graphdef, mesh),
                            before_step=system.before_step(config))
     step_fn = jax.jit(under_mesh(step, mesh),
                       in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(param_shardings, opt_shardings, replicated(mesh)),
                       donate_argnums=(0, 1))
-    return graphdef, params, opt_state, step_fn
+
+    def placed(tree: Any, shardings: Any) -> Any:
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+    return TrainingSetup(
+        graphdef, placed(abstract, param_shardings), placed(abstract_opt, opt_shardings),
+        lambda: init_params(config, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings),
+        jax.jit(tx.init, out_shardings=opt_shardings), step_fn)
+
+
+def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any, Callable]:
+    """(graphdef, fresh params, their optimizer state, jitted step): `prepare_training` with the state created."""
+    setup = prepare_training(config, mesh)
+    params = setup.fresh_params()
+    return setup.graphdef, params, setup.init_opt_state(params), setup.step_fn
 
 
 def data_position(saved: dict[str, Any], step: int) -> tuple[int, bool]:
@@ -170,11 +194,25 @@ class MetricsLog:
 
 def check_disk_space(workdir: Path, params: Any, opt_state: Any) -> None:
     """An error before training when the workdir's disk cannot hold one more checkpoint."""
-    needed = sum(x.nbytes for x in jax.tree.leaves((params, opt_state)) if hasattr(x, "nbytes"))
+    needed = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves((params, opt_state))
+                 if hasattr(x, "shape"))
     free = shutil.disk_usage(workdir).free
     if free < needed:
         raise OutputPathError(f"workdir {workdir} has {free / 2**20:.0f} MiB free, a checkpoint needs about "
                               f"{needed / 2**20:.0f} MiB; free some space or choose another --workdir")
+
+
+def use_compilation_cache(setting: str | bool, workdir: Path) -> Path | None:
+    """Turns on XLA's persistent compilation cache where train.compilation_cache says (see TrainConfig); the folder
+    used, or None."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    if setting in (False, "off", ""):
+        return None
+    auto = setting is True or setting == "auto"
+    folder = workdir.absolute().parent / ".jax_cache" if auto else Path(str(setting)).expanduser()
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder
 
 
 def train(config: Config, workdir: str | Path, *, allow_config_change: bool = False) -> dict[str, Any]:
@@ -183,6 +221,8 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     probe_folder(workdir, "workdir")
+    cache = use_compilation_cache(config.train.compilation_cache, workdir)
+    log.debug("compilation cache: %s", cache or "off")
 
     init_meta = checkpoint.read_meta_at(config.train.init_from) if config.train.init_from else {}
     task = make_task(config, init_meta)
@@ -190,19 +230,25 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
     ckpts = checkpoint.RunCheckpoints(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                                       on_corrupt=config.checkpoint.on_corrupt)
     mesh = make_mesh(config.mesh)
-    graphdef, params, opt_state, step_fn = setup_training(config, mesh)
-    check_disk_space(workdir, params, opt_state)
+    setup = prepare_training(config, mesh)
+    graphdef, step_fn = setup.graphdef, setup.step_fn
+    check_disk_space(workdir, setup.params, setup.opt_state)
 
     def accept_config(step: int, saved: dict) -> bool:
         return check_resume_config(saved, config, workdir, step, allow_change=allow_config_change, is_main=is_main)
 
-    state = resume(ckpts, task.loader, params, opt_state, accept_config)
+    state = resume(ckpts, task.loader, setup.params, setup.opt_state, accept_config)
     start, params, opt_state, data_iterator = state.step, state.params, state.opt_state, state.data_iterator
     if start:
         log.info("resumed from step %d of %s", start, workdir)
-    elif cfg.init_from:
-        params = get_system(config.system).init_from(config, params, cfg.init_from, init_meta)
-        log.info("initialised from %s", cfg.init_from)
+    else:
+        if cfg.init_from:
+            params = get_system(config.system).init_from(config, cfg.init_from, init_meta, setup.params,
+                                                         setup.fresh_params)
+            log.info("initialised from %s", cfg.init_from)
+        else:
+            params = setup.fresh_params()
+        opt_state = setup.init_opt_state(params)
     if is_main and not (start and (workdir / "config.yaml").exists()):
         save_config(config, workdir / "config.yaml")
     meta = {"config": to_dict(config), **task.meta,

@@ -22,6 +22,7 @@ with warnings.catch_warnings():
 from jaxretrieval.config import load_config  # noqa: E402
 from jaxretrieval.models import create_model  # noqa: E402
 from jaxretrieval.models.beit3 import BEiT3Retrieval, params_from_torchscale  # noqa: E402
+from jaxretrieval.models.stacking import relayout  # noqa: E402
 
 CONFIG = load_config(None, ["model.name=beit3_tiny", "model.drop_path=0.2"]).model
 TINY = {"layers": CONFIG.multiway.layers, "width": CONFIG.multiway.width, "heads": CONFIG.multiway.heads,
@@ -83,7 +84,7 @@ def pair() -> tuple[TorchRetrieval, BEiT3Retrieval]:
     model = create_model(CONFIG)
     assert isinstance(model, BEiT3Retrieval)
     graphdef, state = nnx.split(model)
-    params = params_from_torchscale(reference.state_dict())
+    params = relayout(params_from_torchscale(reference.state_dict()), nnx.to_pure_dict(state))  # layers stacked
     assert jax.tree.structure(params) == jax.tree.structure(nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, params)
     return reference, nnx.merge(graphdef, state)
@@ -153,8 +154,8 @@ def test_heads_scale_and_drop_path(pair):
     fresh = create_model(CONFIG, seed=1)
     np.testing.assert_allclose(float(fresh.logit_scale[...]), math.log(1 / 0.07), rtol=1e-6)
     # Drop path rates rise linearly from 0 at the first layer (which therefore has none) to the last.
-    assert model.beit3.layers[0].drop_path is None
-    assert model.beit3.layers[-1].drop_path.rate == pytest.approx(0.2)
+    assert model.beit3.drop_path_rates[0] == 0
+    assert model.beit3.drop_path_rates[-1] == pytest.approx(0.2)
     x = jnp.asarray(pixels)
     dropped = [model.image_features(x, rngs=nnx.Rngs(dropout=s)) for s in range(4)]
     assert any(float(jnp.max(jnp.abs(d - model.image_features(x)))) > 1e-3 for d in dropped)

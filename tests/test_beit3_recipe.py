@@ -91,7 +91,9 @@ def test_layer_decay_scales_the_whole_adamw_update():
     jax.tree.map(lambda u, e, s: np.testing.assert_allclose(u, e * s, rtol=1e-6), updates, expected, scales)
     top = cfg.model.multiway.layers + 1
     assert scales["beit3"]["text_embed"]["embedding"] == 0.5 ** top
-    assert scales["beit3"]["layers"][0]["ffn"]["A"]["fc1"]["kernel"] == 0.5 ** (top - 1)
+    # stacked layers: layer i (id i + 1) at 0.5 ** (top - i - 1), along the layer axis
+    layer_scales = np.asarray(scales["beit3"]["layers"]["ffn"]["A"]["fc1"]["kernel"]).ravel()
+    np.testing.assert_allclose(layer_scales, 0.5 ** (top - np.arange(1, top)), rtol=1e-6)
     assert scales["vision_head"]["kernel"] == scales["logit_scale"] == 1.0
 
 

@@ -23,11 +23,12 @@ with warnings.catch_warnings():
 
 from jaxretrieval.config import load_config  # noqa: E402
 from jaxretrieval.models import create_model  # noqa: E402
-from jaxretrieval.models.beit3 import _apply_drop_path  # noqa: E402
+from jaxretrieval.models.beit3 import drop_path  # noqa: E402
 
 RATE, LAYERS = 0.4, 5
+# One module per layer, so a layer can be called on its own (the scanned stack runs the same layer code).
 CONFIG = load_config(None, ["model.name=beit3_tiny", f"model.drop_path={RATE}",
-                            f"model.multiway.layers={LAYERS}"]).model
+                            f"model.multiway.layers={LAYERS}", "model.scan_layers=false"]).model
 
 
 def keep_bound(n: int, keep: float) -> float:
@@ -46,10 +47,10 @@ def test_drop_path_rates_rise_linearly_like_torchscales(model):
                          drop_path_rate=RATE, layernorm_embedding=False, normalize_output=True, no_output_layer=True)
     reference = TorchBEiT3(args)
     theirs = [layer.drop_path.drop_prob if layer.drop_path is not None else 0.0 for layer in reference.encoder.layers]
-    ours = [layer.drop_path.rate if layer.drop_path is not None else 0.0 for layer in model.beit3.layers]
+    ours = model.beit3.drop_path_rates
     np.testing.assert_allclose(ours, np.linspace(0.0, RATE, LAYERS), rtol=0, atol=1e-12)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
-    assert model.beit3.layers[0].drop_path is None  # rate 0: no stochastic depth on the first layer
+    assert ours[0] == 0  # no stochastic depth on the first layer
 
 
 def per_sample_factors(out: np.ndarray, branch: np.ndarray) -> np.ndarray:
@@ -65,10 +66,9 @@ def per_sample_factors(out: np.ndarray, branch: np.ndarray) -> np.ndarray:
 def test_drop_path_on_a_branch_matches_torchscales_per_sample_rule(model):
     """On one residual branch in train mode both implementations zero a whole sample or scale it by exactly
     1 / (1 - p); the kept fraction over many samples is 1 - p (five-sigma bound)."""
-    layer = model.beit3.layers[-1]
-    p = layer.drop_path.rate
+    p = model.beit3.drop_path_rates[-1]
     branch = np.random.default_rng(0).normal(size=(4000, 3, 8)).astype(np.float32)
-    ours = np.asarray(_apply_drop_path(layer.drop_path, jnp.asarray(branch), nnx.Rngs(dropout=1)))
+    ours = np.asarray(drop_path(jnp.asarray(branch), jnp.float32(p), jax.random.key(1)))
     torch.manual_seed(1)
     module = DropPath(p).train()
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_drop_path_on_a_branch_matches_torchscales_per_sample_rule(model):
         np.testing.assert_allclose(factors[kept], 1 / (1 - p), rtol=1e-6)
         assert abs(kept.mean() - (1 - p)) < keep_bound(len(kept), 1 - p), kept.mean()
     # Evaluation (no rngs) leaves the branch as it is.
-    np.testing.assert_array_equal(np.asarray(_apply_drop_path(layer.drop_path, jnp.asarray(branch), None)), branch)
+    np.testing.assert_array_equal(np.asarray(drop_path(jnp.asarray(branch), jnp.float32(p), None)), branch)
 
 
 def test_encoder_layer_in_train_mode_drops_each_samples_branches(model):
@@ -87,7 +87,7 @@ def test_encoder_layer_in_train_mode_drops_each_samples_branches(model):
     combinations x + a * A(x) then h + f * F(h) with a, f in {0, 1 / (1 - p)}, computed here from the layer's own
     sub-modules; over many draws each branch is kept for a fraction 1 - p of the samples."""
     layer = model.beit3.layers[-1]
-    p = layer.drop_path.rate
+    p = model.beit3.drop_path_rates[-1]
     x = jnp.asarray(np.random.default_rng(2).normal(size=(32, 6, CONFIG.multiway.width)).astype(np.float32))
     split = x.shape[1]  # vision tokens only
     attn = layer.self_attn(layer.self_attn_layer_norm(x, split), split, None)
@@ -99,8 +99,10 @@ def test_encoder_layer_in_train_mode_drops_each_samples_branches(model):
     scale = 1 / (1 - p)
     candidates = {(a, f): candidate(a * scale, f * scale) for a, f in itertools.product((0, 1), repeat=2)}
     # Without rngs (evaluation) both branches are added as they are: the sub-modules reproduce the layer.
-    np.testing.assert_allclose(np.asarray(layer(x, split, None, None)), candidate(1.0, 1.0), rtol=1e-5, atol=1e-5)
-    run = nnx.jit(lambda module, y, key: module(y, split, None, nnx.Rngs(dropout=key)))
+    rate = jnp.float32(p)
+    np.testing.assert_allclose(np.asarray(layer(x, split, None, rate, None)), candidate(1.0, 1.0), rtol=1e-5,
+                               atol=1e-5)
+    run = nnx.jit(lambda module, y, key: module(y, split, None, rate, key))
     draws = []
     for seed in range(25):
         out = np.asarray(run(layer, x, jax.random.key(seed)))

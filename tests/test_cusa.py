@@ -58,8 +58,8 @@ def test_converted_clip_towers_and_cusa_heads_match_open_clip(tmp_path):
     saved = checkpoint.read_meta_at(tmp_path / "converted")
     raw = {**saved["config"], "system": "cusa", "train": {**saved["config"]["train"], "loss": "cusa"}}
     config = load_config(None, ["data.kind=demo"], base=raw)
-    params = init_params(config, seed=5, precision="fp32")
-    params = get_system("cusa").init_from(config, params, str(tmp_path / "converted"), saved)
+    params = get_system("cusa").init_from(config, str(tmp_path / "converted"), saved, abstract_model(config)[1],
+                                          lambda: init_params(config, seed=5, precision="fp32"))
     rng = np.random.default_rng(0)  # every head leaf random (norm gains too), so no mapping error can hide
     for head in ("cross_image", "cross_text", "uni_image", "uni_text"):
         params[head] = jax.tree.map(lambda x: np.float32(0.3) * rng.normal(size=x.shape).astype(np.float32) + (

@@ -48,8 +48,9 @@ def test_small_config_improves_text_to_image_retrieval(trained):
     # 256 images x 3 captions = 768 records / batch 32 = 24 steps an epoch, 4 epochs.
     assert result["step"] == 96
     assert yaml.safe_load((workdir / "config.yaml").read_text())["train"]["steps"] == 96
-    # Gates at about half of the gains this run reaches (mAP 13.4 -> 57.8, R5 17.7 -> 86.5, R1 2.1 -> 39.6).
-    for key, gain in {"mAP": 22, "R5": 34, "R1": 18}.items():
+    # 96 steps of a tiny model vary with the seed: seeds 0, 1, 2 gained mAP 22 / 27 / 34, R5 45 / 45 / 55 and R1
+    # 9 / 19 / 25 points (from mAP 11, R5 17, R1 1 untrained); the gates are half of the smallest gain of each.
+    for key, gain in {"mAP": 11, "R5": 22, "R1": 4.5}.items():
         assert result[key] > untrained[key] + gain, (key, untrained, result)
 
 

@@ -63,7 +63,7 @@ def random_params(abstract, seed: int, logit_scale: float) -> dict:
             return np.float32(logit_scale)
         if name == "scale":
             return (1.0 + 0.1 * rng.normal(size=x.shape)).astype(np.float32)
-        std = x.shape[0] ** -0.5 if len(x.shape) >= 2 else 0.1
+        std = x.shape[-2] ** -0.5 if len(x.shape) >= 2 else 0.1  # fan-in, stacked layers or not
         return (std * rng.normal(size=x.shape)).astype(np.float32)
 
     return jax.tree_util.tree_map_with_path(leaf, abstract)

@@ -73,8 +73,9 @@ def test_learning_rate_warmup_longer_than_training() -> None:
 TINY_CLIP_DECAYED = {
     "text/positional_embedding", "text/text_projection", "text/token_embedding/embedding",
     "visual/patch_embed/kernel", "visual/positional_embedding", "visual/proj",
-} | {f"{tower}/transformer/blocks/0/{layer}/kernel" for tower in ("text", "visual")
-     for layer in ("attn/qkv", "attn/out", "mlp/fc", "mlp/proj")}
+} | {f"{tower}/transformer/blocks/{layer}/kernel" for tower in ("text", "visual")
+     for layer in ("attn/qkv", "attn/out", "mlp/fc", "mlp/proj")}  # stacked: (layers, in, out), decayed; biases
+# and norm gains, (layers, width), are vectors per layer: not decayed
 
 
 @pytest.mark.parametrize(("no_decay", "excluded"), [

@@ -101,8 +101,8 @@ def test_sigmoid_loss_learns_its_bias(runs) -> None:
 
 def test_fsdp_splits_every_large_parameter(runs) -> None:
     shards = runs["clip/fsdp"]["shards"]
-    kernel = shards["visual/transformer/blocks/0/mlp/fc/kernel"]
-    assert kernel[1] == [kernel[0][0], kernel[0][1] // 4]  # (32, 128) -> columns over fsdp=4
+    kernel = shards["visual/transformer/blocks/mlp/fc/kernel"]  # stacked: (layers, 32, 128)
+    assert kernel[1] == [kernel[0][0], kernel[0][1], kernel[0][2] // 4]  # columns over fsdp=4, layers whole
     assert shards["logit_scale"] == [[], []]
     split = [name for name, (shape, local) in shards.items() if shape != local]
     assert len(split) > 0.7 * len(shards)  # everything with a dimension divisible by 4
@@ -111,11 +111,11 @@ def test_fsdp_splits_every_large_parameter(runs) -> None:
 
 def test_fsdp_tensor_splits_mlp_by_column_and_row(runs) -> None:
     shards = runs["beit3/fsdp_tensor"]["shards"]
-    fc1, fc2 = (shards[f"beit3/layers/0/ffn/A/{name}/kernel"] for name in ("fc1", "fc2"))
-    assert fc1[1] == [fc1[0][0] // 2, fc1[0][1] // 2]  # (fsdp, tensor)
-    assert fc2[1] == [fc2[0][0] // 2, fc2[0][1] // 2]  # (tensor, fsdp)
-    q = shards["beit3/layers/0/self_attn/q_proj/B/kernel"]
-    assert q[1] == [q[0][0] // 2, q[0][1] // 2]
+    fc1, fc2 = (shards[f"beit3/layers/ffn/A/{name}/kernel"] for name in ("fc1", "fc2"))  # stacked layers
+    assert fc1[1] == [fc1[0][0], fc1[0][1] // 2, fc1[0][2] // 2]  # (layers whole, fsdp, tensor)
+    assert fc2[1] == [fc2[0][0], fc2[0][1] // 2, fc2[0][2] // 2]  # (layers whole, tensor, fsdp)
+    q = shards["beit3/layers/self_attn/q_proj/B/kernel"]
+    assert q[1] == [q[0][0], q[0][1] // 2, q[0][2] // 2]
 
 
 def test_loss_config_errors_are_clear() -> None:

@@ -19,7 +19,8 @@ from einops import rearrange
 from flax import nnx
 
 from jaxretrieval.models.clip import l2_normalize
-from jaxretrieval.models.layers import LogitScalars, dense, layer_norm, rematerialised
+from jaxretrieval.models.layers import LogitScalars, dense, layer_norm
+from jaxretrieval.models.stacking import rematerialised, scan_stack, stack_modules
 from jaxretrieval.sharding import constrain
 
 # torchscale (like fairseq) numbers positions from 2, so rows 0 and 1 of both position tables are never read.
@@ -41,15 +42,13 @@ class Multiway(nnx.Module):
         return jnp.concatenate([self.A(x[:, :split]), self.B(x[:, split:])], axis=1)
 
 
-def _drop_path(rate: float) -> nnx.Dropout | None:
-    # Stochastic depth: one keep/drop draw per sample, survivors scaled by 1 / (1 - rate).
-    return nnx.Dropout(rate, broadcast_dims=(1, 2)) if rate > 0 else None
-
-
-def _apply_drop_path(drop: nnx.Dropout | None, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-    if drop is None or rngs is None:
+def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: each sample's residual branch dropped with probability `rate`, survivors scaled by
+    1 / (1 - rate); `key` None (evaluation) keeps everything."""
+    if key is None:
         return x
-    return drop(x, deterministic=False, rngs=rngs)
+    keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0], 1, 1))
+    return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 class FeedForward(nnx.Module):
@@ -89,18 +88,19 @@ class MultiwayAttention(nnx.Module):
 
 
 class EncoderLayer(nnx.Module):
-    def __init__(self, width: int, heads: int, ffn_dim: int, drop_path: float, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, width: int, heads: int, ffn_dim: int, *, rngs: nnx.Rngs, dtype: Any):
         self.self_attn_layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
         self.self_attn = MultiwayAttention(width, heads, rngs=rngs, dtype=dtype)
         self.final_layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
         self.ffn = Multiway(lambda: FeedForward(width, ffn_dim, rngs=rngs, dtype=dtype))
-        self.drop_path = _drop_path(drop_path)
 
-    def __call__(self, x: jax.Array, split: int, keep: jax.Array | None, rngs: nnx.Rngs | None) -> jax.Array:
-        x = x + _apply_drop_path(self.drop_path, self.self_attn(self.self_attn_layer_norm(x, split), split, keep),
-                                 rngs)
+    def __call__(self, x: jax.Array, split: int, keep: jax.Array | None, rate: jax.Array,
+                 key: jax.Array | None) -> jax.Array:
+        """rate: this layer's drop-path rate; key: its randomness (None: no dropping)."""
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
+        x = x + drop_path(self.self_attn(self.self_attn_layer_norm(x, split), split, keep), rate, keys[0])
         x = constrain(x, "batch", None, None)
-        x = x + _apply_drop_path(self.drop_path, self.ffn(self.final_layer_norm(x, split), split), rngs)
+        x = x + drop_path(self.ffn(self.final_layer_norm(x, split), split), rate, keys[1])
         return constrain(x, "batch", None, None)
 
 
@@ -109,7 +109,7 @@ class BEiT3(nnx.Module):
 
     def __init__(self, *, layers: int, width: int, heads: int, ffn_dim: int, image_size: int, patch_size: int,
                  vocab_size: int, max_text_positions: int, drop_path_rate: float = 0.0, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32, remat: str = "none"):
+                 dtype: Any = jnp.float32, remat: str = "none", scan: bool = True):
         self.patch_size = patch_size
         self.dtype = dtype
         patches = (image_size // patch_size) ** 2
@@ -122,12 +122,16 @@ class BEiT3(nnx.Module):
         self.vision_positions = nnx.Param(
             0.02 * jax.random.normal(rngs.params(), (patches + 1 + POSITION_OFFSET, width)))
         self.text_positions = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_text_positions, width)))
-        rates = np.linspace(0.0, drop_path_rate, layers)
-        self.layers = nnx.List([
-            EncoderLayer(width, heads, ffn_dim, float(rate), rngs=rngs, dtype=dtype) for rate in rates
-        ])
+        # Rising linearly to the last layer.
+        self.drop_path_rates = tuple(float(rate) for rate in np.linspace(0.0, drop_path_rate, layers))
+
+        def make(layer_rngs: nnx.Rngs) -> EncoderLayer:
+            return EncoderLayer(width, heads, ffn_dim, rngs=layer_rngs, dtype=dtype)
+
+        self.layers = stack_modules(make, layers, rngs) if scan else nnx.List([make(rngs) for _ in range(layers)])
         self.layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
         self.remat = remat
+        self.scan = scan
 
     def embed_image(self, pixels: jax.Array, masked: jax.Array | None = None) -> jax.Array:
         """pixels (batch, height, width, 3) -> [cls, patches] + vision positions. masked: (batch, patches) bool."""
@@ -162,9 +166,19 @@ class BEiT3(nnx.Module):
         pad = jnp.concatenate(pads, axis=1)
         keep = None if tokens is None or padding_mask is None else ~pad
         x = jnp.where(pad[..., None], jnp.zeros((), x.dtype), x)
-        run = rematerialised(lambda layer, y, r: layer(y, split, keep, r), self.remat)
-        for layer in self.layers:
-            x = run(layer, x, rngs)
+        rates = jnp.asarray(self.drop_path_rates, jnp.float32)
+        dropping = rngs is not None and self.drop_path_rates[-1] > 0
+        keys = jax.random.split(rngs.dropout(), len(rates)) if dropping else None
+        if self.scan:
+            if keys is None:
+                x = scan_stack(self.layers, x, lambda layer, y, r: layer(y, split, keep, r, None), self.remat, rates)
+            else:
+                x = scan_stack(self.layers, x, lambda layer, y, r, k: layer(y, split, keep, r, k), self.remat,
+                               rates, keys)
+        else:
+            run = rematerialised(lambda layer, y, r, k: layer(y, split, keep, r, k), self.remat)
+            for i, layer in enumerate(self.layers):
+                x = run(layer, x, rates[i], None if keys is None else keys[i])
         return self.layer_norm(x, split)
 
 
@@ -178,7 +192,7 @@ class BEiT3Retrieval(nnx.Module, LogitScalars):
                            ffn_dim=multiway.ffn_dim, image_size=config.image.image_size,
                            patch_size=config.image.patch_size, vocab_size=config.text.vocab_size,
                            max_text_positions=multiway.max_text_positions, drop_path_rate=config.drop_path,
-                           rngs=rngs, dtype=dtype, remat=multiway.remat)
+                           rngs=rngs, dtype=dtype, remat=multiway.remat, scan=config.scan_layers)
         self.pad_id = multiway.pad_id
         width = multiway.width
         self.vision_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)
@@ -213,12 +227,15 @@ class BEiT3Retrieval(nnx.Module, LogitScalars):
                 self.encode_text(tokens, normalize=True, rngs=rngs), self.scale())
 
 
-def layer_depth(path: str, layers: int) -> int:
+def layer_depth(path: str, layers: int) -> int | np.ndarray:
     """unilm's layer id for layer-wise lr decay: embeddings 0, encoder layer i -> i + 1, the rest (final norm,
-    heads, logit scale) layers + 1. `path` is a "/"-joined parameter path."""
+    heads, logit scale) layers + 1. `path` is a "/"-joined parameter path; a stacked layer parameter gets the ids
+    of its layers, 1 ... layers, along its first axis."""
     found = re.search(r"(?:^|/)layers/(\d+)/", path)
     if found:
         return int(found.group(1)) + 1
+    if re.search(r"(?:^|/)layers/", path):
+        return np.arange(1, layers + 1)
     if re.search(r"(?:^|/)(text_embed|patch_embed|cls_token|mask_token|vision_positions|text_positions)(?:/|$)",
                  path):
         return 0

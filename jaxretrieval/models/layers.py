@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxretrieval.models.stacking import REMAT_POLICIES, rematerialised, scan_stack, stack_modules
 from jaxretrieval.sharding import constrain
+
+__all__ = ["REMAT_POLICIES", "Attention", "Block", "LogitScalars", "MLP", "Transformer", "dense", "layer_norm",
+           "rematerialised"]
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -68,29 +70,22 @@ class Block(nnx.Module):
         return constrain(x + self.mlp(self.ln_2(x)), "batch", None, None)
 
 
-# Rematerialisation per tower (config `remat`): none keeps every activation for the backward pass; full keeps
-# only each block's input and recomputes the rest; dots also keeps the matmul outputs.
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-def rematerialised(fn: Callable, remat: str) -> Callable:
-    """fn(module, *args) run under jax.checkpoint with the named policy (fn itself for "none")."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}, got {remat!r}")
-    return fn if remat == "none" else nnx.remat(fn, policy=REMAT_POLICIES[remat])
-
-
 class Transformer(nnx.Module):
+    """`layers` blocks, stacked and scanned (`scan`, the default) or one module per layer."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, *,
-                 causal: bool, rngs: nnx.Rngs, dtype, remat: str = "none"):
-        self.blocks = nnx.List([
-            Block(width, heads, mlp_ratio, activation, causal=causal, layers=layers, rngs=rngs, dtype=dtype)
-            for _ in range(layers)
-        ])
+                 causal: bool, rngs: nnx.Rngs, dtype, remat: str = "none", scan: bool = True):
+        def make(block_rngs: nnx.Rngs) -> Block:
+            return Block(width, heads, mlp_ratio, activation, causal=causal, layers=layers, rngs=block_rngs,
+                         dtype=dtype)
+
+        self.blocks = stack_modules(make, layers, rngs) if scan else nnx.List([make(rngs) for _ in range(layers)])
         self.remat = remat
+        self.scan = scan
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.scan:
+            return scan_stack(self.blocks, x, lambda block, y: block(y), self.remat)
         run = rematerialised(lambda block, y: block(y), self.remat)
         for block in self.blocks:
             x = run(block, x)

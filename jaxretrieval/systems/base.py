@@ -91,12 +91,13 @@ class System:
 
         return make_preprocess(config), build_tokenizer(meta["tokenizer"])
 
-    def init_from(self, config: Config, params: Any, path: str, meta: dict) -> Any:
-        """`params` with those train.init_from's checkpoint (metadata `meta`) holds; a converted backbone marked
-        partial fills only its part."""
+    def init_from(self, config: Config, path: str, meta: dict, abstract: Any, fresh: Callable[[], Any]) -> Any:
+        """The parameters train.init_from's checkpoint (metadata `meta`) gives: read straight into `abstract` (the
+        sharded shapes), or, for a converted backbone marked partial, over `fresh()` parameters."""
         from jaxretrieval import checkpoint
 
-        params, _ = checkpoint.load_model(path, params, partial=bool(meta.get("partial")))
+        partial = bool(meta.get("partial"))
+        params, _ = checkpoint.load_model(path, fresh() if partial else abstract, partial=partial)
         return params
 
     def __repr__(self) -> str:

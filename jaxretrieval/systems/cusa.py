@@ -279,10 +279,10 @@ class CUSA(DualEncoder):
 
         return evaluate
 
-    def init_from(self, config: Config, params: Any, path: str, meta: dict) -> Any:
-        """The towers of a converted or trained CLIP (or CUSA) checkpoint; heads and temperatures stay fresh unless
-        the checkpoint holds them. A CLIP checkpoint's logit scale (and bias) is left out: CUSA has none."""
-        params, _ = checkpoint.load_model(path, params, partial=True, ignore=("logit_scale", "logit_bias"))
+    def init_from(self, config: Config, path: str, meta: dict, abstract: Any, fresh: Any) -> Any:
+        """The towers of a converted or trained CLIP (or CUSA) checkpoint over fresh heads and temperatures. A CLIP
+        checkpoint's logit scale (and bias) is left out: CUSA has none."""
+        params, _ = checkpoint.load_model(path, fresh(), partial=True, ignore=("logit_scale", "logit_bias"))
         return params
 
 
