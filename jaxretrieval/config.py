@@ -93,6 +93,9 @@ class ModelConfig:
     # scanned layer: init and compile time independent of depth. false: one module per layer (the same numbers;
     # checkpoints of either layout load into both).
     scan_layers: bool = True
+    # Layers per iteration of the scanned loop; the depth (or more) unrolls it: on CPU the step then runs about as
+    # fast as one module per layer (~10% faster than 1) at about twice the compile time of 1.
+    scan_unroll: int = 1
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ def _common(config: Config, system: System) -> list[tuple[bool, str]]:
         (train.epochs >= 0, "train.epochs must be >= 0"),
         (config.eval.folds >= 1, "eval.folds must be >= 1 (1: the whole gallery only)"),
         (data.max_words >= 1, "data.max_words must be >= 1"),
+        (model.scan_unroll >= 1, "model.scan_unroll must be >= 1 (layers per iteration of the scanned loop)"),
         (train.micro_batches >= 1 and train.batch_size % train.micro_batches == 0,
          "train.micro_batches must be >= 1 and divide train.batch_size"),
         (train.accumulation in ("cache", "mean"), "train.accumulation must be cache or mean"),

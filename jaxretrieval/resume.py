@@ -20,7 +20,8 @@ log = logging.getLogger("jaxretrieval.train")
 # the data order (records, batch, seed). Regexes over dotted keys; remat only trades memory for compute, and
 # scan_layers changes the layout of the same parameters (checkpoints load into either).
 DATA_ORDER = (r"data\.(kind|root|train_file|num_instances|demo_.*)$", r"train\.(batch_size|seed)$")
-FROZEN_ON_RESUME = (r"model\.(?!.*remat$|scan_layers$)", r"data\.tokenizer$", r"train\.optimizer$", *DATA_ORDER)
+FROZEN_ON_RESUME = (r"model\.(?!.*remat$|scan_layers$|scan_unroll$)", r"data\.tokenizer$", r"train\.optimizer$",
+                    *DATA_ORDER)
 
 
 class Preempted(Exception):  # noqa: N818 -- not an error: the run stopped where it was asked to, checkpointed

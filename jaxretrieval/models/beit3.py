@@ -109,7 +109,7 @@ class BEiT3(nnx.Module):
 
     def __init__(self, *, layers: int, width: int, heads: int, ffn_dim: int, image_size: int, patch_size: int,
                  vocab_size: int, max_text_positions: int, drop_path_rate: float = 0.0, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32, remat: str = "none", scan: bool = True):
+                 dtype: Any = jnp.float32, remat: str = "none", scan: bool = True, unroll: int = 1):
         self.patch_size = patch_size
         self.dtype = dtype
         patches = (image_size // patch_size) ** 2
@@ -132,6 +132,7 @@ class BEiT3(nnx.Module):
         self.layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
         self.remat = remat
         self.scan = scan
+        self.unroll = unroll
 
     def embed_image(self, pixels: jax.Array, masked: jax.Array | None = None) -> jax.Array:
         """pixels (batch, height, width, 3) -> [cls, patches] + vision positions. masked: (batch, patches) bool."""
@@ -171,10 +172,11 @@ class BEiT3(nnx.Module):
         keys = jax.random.split(rngs.dropout(), len(rates)) if dropping else None
         if self.scan:
             if keys is None:
-                x = scan_stack(self.layers, x, lambda layer, y, r: layer(y, split, keep, r, None), self.remat, rates)
+                x = scan_stack(self.layers, x, lambda layer, y, r: layer(y, split, keep, r, None), self.remat, rates,
+                               unroll=self.unroll)
             else:
                 x = scan_stack(self.layers, x, lambda layer, y, r, k: layer(y, split, keep, r, k), self.remat,
-                               rates, keys)
+                               rates, keys, unroll=self.unroll)
         else:
             run = rematerialised(lambda layer, y, r, k: layer(y, split, keep, r, k), self.remat)
             for i, layer in enumerate(self.layers):
@@ -192,7 +194,8 @@ class BEiT3Retrieval(nnx.Module, LogitScalars):
                            ffn_dim=multiway.ffn_dim, image_size=config.image.image_size,
                            patch_size=config.image.patch_size, vocab_size=config.text.vocab_size,
                            max_text_positions=multiway.max_text_positions, drop_path_rate=config.drop_path,
-                           rngs=rngs, dtype=dtype, remat=multiway.remat, scan=config.scan_layers)
+                           rngs=rngs, dtype=dtype, remat=multiway.remat, scan=config.scan_layers,
+                           unroll=config.scan_unroll)
         self.pad_id = multiway.pad_id
         width = multiway.width
         self.vision_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)

@@ -74,7 +74,7 @@ class Transformer(nnx.Module):
     """`layers` blocks, stacked and scanned (`scan`, the default) or one module per layer."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, *,
-                 causal: bool, rngs: nnx.Rngs, dtype, remat: str = "none", scan: bool = True):
+                 causal: bool, rngs: nnx.Rngs, dtype, remat: str = "none", scan: bool = True, unroll: int = 1):
         def make(block_rngs: nnx.Rngs) -> Block:
             return Block(width, heads, mlp_ratio, activation, causal=causal, layers=layers, rngs=block_rngs,
                          dtype=dtype)
@@ -82,10 +82,11 @@ class Transformer(nnx.Module):
         self.blocks = stack_modules(make, layers, rngs) if scan else nnx.List([make(rngs) for _ in range(layers)])
         self.remat = remat
         self.scan = scan
+        self.unroll = unroll
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.scan:
-            return scan_stack(self.blocks, x, lambda block, y: block(y), self.remat)
+            return scan_stack(self.blocks, x, lambda block, y: block(y), self.remat, unroll=self.unroll)
         run = rematerialised(lambda block, y: block(y), self.remat)
         for block in self.blocks:
             x = run(block, x)

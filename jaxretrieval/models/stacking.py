@@ -43,12 +43,13 @@ def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.
     return create(rngs)
 
 
-def scan_stack(stack: nnx.Module, x: Any, fn: Callable[..., Any], remat: str = "none", *per_layer: Any) -> Any:
+def scan_stack(stack: nnx.Module, x: Any, fn: Callable[..., Any], remat: str = "none", *per_layer: Any,
+               unroll: int = 1) -> Any:
     """x through every layer of `stack` in order: x = fn(layer, x, *slices of per_layer), rematerialised per layer
-    with the named policy (see layers.REMAT_POLICIES)."""
+    with the named policy (see layers.REMAT_POLICIES); `unroll` layers per loop iteration (>= the depth: none)."""
     body = rematerialised(fn, remat)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, *[0] * len(per_layer)), out_axes=nnx.Carry)
+    @nnx.scan(in_axes=(0, nnx.Carry, *[0] * len(per_layer)), out_axes=nnx.Carry, unroll=unroll)
     def step(layer: nnx.Module, carry: Any, *xs: Any) -> Any:
         return body(layer, carry, *xs)
 
