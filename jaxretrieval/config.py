@@ -403,9 +403,8 @@ def from_dict(raw: dict[str, Any], source: str = "config", *, notices: bool = Tr
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     raw, moved = _move_keys(raw, system.moved_keys)
-    if moved and notices:
-        log.warning("%s: %s moved to %s's own section (%s); the old keys still work", source, ", ".join(moved),
-                    system.name, ", ".join(system.moved_keys[key] for key in moved))
+    if notices:
+        _notice_moved(source, system.name, system.moved_keys, moved)
     section = raw.pop(system.name, None)
     for other in SYSTEMS:
         if other in raw and other not in _TOP_LEVEL:
@@ -455,13 +454,19 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw = _merge_all(layers)
     moved = _moved_keys_of(raw)
     if moved:  # each layer read in the new names before merging, so a later layer wins whichever names it uses
-        raw = _merge_all([_move_keys(layer, moved)[0] for layer in layers])
-        found = [key for layer in layers for key in _move_keys(layer, moved)[1]]
-        if found and notices:
-            log.warning("%s: %s moved to %s's own section (%s); the old keys still work", source,
-                        ", ".join(dict.fromkeys(found)), _system_name(raw),
-                        ", ".join(moved[key] for key in dict.fromkeys(found)))
+        renamed = [_move_keys(layer, moved) for layer in layers]
+        raw = _merge_all([layer for layer, _ in renamed])
+        if notices:
+            _notice_moved(source, _system_name(raw), moved, [key for _, found in renamed for key in found])
     return from_dict(raw, source, notices=notices)
+
+
+def _notice_moved(source: str, system: str, moved: dict[str, str], found: list[str]) -> None:
+    """One line naming the old keys a config used and their new names in the system's section."""
+    found = list(dict.fromkeys(found))
+    if found:
+        log.warning("%s: %s moved to %s's own section (%s); the old keys still work", source, ", ".join(found),
+                    system, ", ".join(moved[key] for key in found))
 
 
 def _merge_all(layers: list[dict[str, Any]]) -> dict[str, Any]:

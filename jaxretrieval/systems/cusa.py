@@ -26,6 +26,7 @@ from jaxretrieval import checkpoint
 from jaxretrieval.config import Config
 from jaxretrieval.config_checks import dual_encoder_checks, no_layer_recipe
 from jaxretrieval.data.demo_teachers import IMAGE_FILE, TEXT_FILE, write_demo_teachers
+from jaxretrieval.data.pipeline import data_root
 from jaxretrieval.data.teacher_features import TeacherTable, load_image_teachers, load_text_teachers
 from jaxretrieval.gradients import micro_batched
 from jaxretrieval.losses.soft_label import SoftLabelLossConfig, clamp_temperatures, cusa_losses, sharded_cusa_losses
@@ -249,7 +250,7 @@ class CUSA(DualEncoder):
         s = config.section
         if not (s.cross or s.uni):
             return None
-        root = Path(config.data.root or "data/demo")
+        root = data_root(config)
         image_file, text_file = s.image_teachers, s.text_teachers
         if config.data.kind == "demo" and not (image_file and text_file):
             image_path, text_path = write_demo_teachers(root)
