@@ -267,7 +267,9 @@ def torch_beit3(config: Any, images: Any, tokens: Any) -> TorchSide:
 TORCH_SIDES = {"clip": torch_clip, "beit3": torch_beit3}
 
 
-def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, steps: int) -> dict[str, Any]:
+def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, steps: int,
+                compiled: bool = False) -> dict[str, Any]:
+    """The original's step, eager or (`compiled`) with the forward and loss under torch.compile."""
     import torch
 
     cfg = config.train
@@ -279,11 +281,12 @@ def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, ste
     side.model.train()
     params = [p for group in side.groups for p in group["params"]]
     optimizer = torch.optim.AdamW(side.groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+    forward_and_loss = torch.compile(side.loss) if compiled else side.loss
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss = side.loss()
+            loss = forward_and_loss()
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -299,7 +302,8 @@ def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, ste
     # Parameters that get no gradient (BEiT-3's mask token) are never decayed by torch's AdamW.
     decayed = sum(p.numel() for g in side.groups if g["weight_decay"] > 0 for p in g["params"] if p.grad is not None)
     lr_scale_sum = sum(g["lr"] / cfg.lr * p.numel() for g in side.groups for p in g["params"])
-    return {"framework": TORCH_NAMES[config.model.family], "device": name, "params": sum(p.numel() for p in params),
+    framework = TORCH_NAMES[config.model.family] + (" (torch.compile)" if compiled else "")
+    return {"framework": framework, "device": name, "params": sum(p.numel() for p in params),
             "decayed_params": decayed, "lr_scale_sum": lr_scale_sum, "flops": None, "first_step_s": first,
             "step_s": median}
 
@@ -314,6 +318,10 @@ def bench_config(model: str, batch: int, precision: str, overrides: list[str]) -
     return load_config(None, base + applied), applied
 
 
+BENCHES = {"jax": bench_jax, "torch": bench_torch,
+           "torch-compile": lambda *args: bench_torch(*args, compiled=True)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -326,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=None, help="CPU cores for XLA and torch (default: all)")
     parser.add_argument("--frameworks", default="jax,torch",
-                        help="comma-separated subset of jax,torch; with both, each runs in its own process")
+                        help="comma-separated subset of jax,torch,torch-compile (the original's forward and loss "
+                             "under torch.compile); with more than one, each runs in its own process")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with both frameworks: alternate fresh jax and torch processes this many times and "
                              "report the median round (evens out a host whose load drifts)")
@@ -339,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     frameworks = args.frameworks.split(",")
-    if not frameworks or set(frameworks) - {"jax", "torch"}:
-        parser.error(f"--frameworks takes jax, torch or both, not {args.frameworks!r}")
+    if not frameworks or set(frameworks) - set(BENCHES):
+        parser.error(f"--frameworks takes some of {', '.join(BENCHES)}, not {args.frameworks!r}")
     cores = sorted(os.sched_getaffinity(0))
     threads = min(args.threads or len(cores), len(cores))
     env = environment(threads, PACKAGES)
@@ -360,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(threads)
         config, applied = bench_config(args.model, args.batch, args.precision, args.overrides)
-        bench = {"jax": bench_jax, "torch": bench_torch}[frameworks[0]]
-        result = bench(config, random_batch(config.model, args.batch), args.warmup, args.steps)
+        result = BENCHES[frameworks[0]](config, random_batch(config.model, args.batch), args.warmup, args.steps)
         rows = [{"model": args.model, "batch": args.batch, "precision": args.precision, "threads": threads,
                  **result, "samples_s": args.batch / result["step_s"]}]
     analytic = train_step_flops(bench_config(args.model, args.batch, args.precision, args.overrides)[0].model,
@@ -374,11 +382,9 @@ def main(argv: list[str] | None = None) -> int:
             args.peak_tflops else None
 
     header = ["model", "batch", "framework", "device", "precision", "params", "first step (s)",
-              "step (ms, median)", "samples/s", "jax/torch", "GFLOP/step (analytic)", "TFLOP/s", "MFU",
+              "step (ms, median)", "samples/s", "jax speed-up", "GFLOP/step (analytic)", "TFLOP/s", "MFU",
               "GFLOP/step (XLA)", "MFU (XLA)"]
-    speed = {row["framework"]: row["samples_s"] for row in rows}
-    others = [name for name in speed if name != "jaxretrieval"]
-    ratio = f"{speed['jaxretrieval'] / speed[others[0]]:.2f}x" if "jaxretrieval" in speed and others else "-"
+    ours = next((row["samples_s"] for row in rows if row["framework"] == "jaxretrieval"), None)
     rounds = f", median of {args.rounds} alternating rounds" if len(frameworks) > 1 and args.rounds > 1 else ""
     print(f"\n{args.steps} timed steps after {args.warmup} warmup, {threads} threads{rounds}\n")
     print("| " + " | ".join(header) + " |")
@@ -386,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         cells = [row["model"], row["batch"], row["framework"], row["device"], row["precision"],
                  f"{row['params'] / 1e6:.2f}M", f"{row['first_step_s']:.2f}", f"{row['step_s'] * 1e3:.1f}",
-                 f"{row['samples_s']:.1f}", ratio if row["framework"] == "jaxretrieval" else "",
+                 f"{row['samples_s']:.1f}",
+                 f"{ours / row['samples_s']:.2f}x" if ours and row["framework"] != "jaxretrieval" else "",
                  f"{row['analytic_flops'] / 1e9:.1f}", f"{row['tflops_s']:.3f}",
                  f"{row['mfu']:.1%}" if row["mfu"] else "-", f"{row['flops'] / 1e9:.1f}" if row["flops"] else "-",
                  f"{row['mfu_xla']:.1%}" if row["mfu_xla"] else "-"]
@@ -396,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['framework']} start-up: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in row["startup"].items())
                   + f"; {row['first_step_s']:.1f} s from nothing to a finished first step")
     print_rounds(rows)
-    if len(rows) == 2:  # the two optimizers must treat the same parameters alike
-        decayed, scales = ([row[key] for row in rows] for key in ("decayed_params", "lr_scale_sum"))
+    if len(rows) >= 2:  # the optimizers must treat the same parameters alike
+        decayed, scales = ([row[key] for row in rows[:2]] for key in ("decayed_params", "lr_scale_sum"))
         agree = decayed[0] == decayed[1] and math.isclose(scales[0], scales[1], rel_tol=1e-6)
         print(f"optimizer groups {'agree' if agree else 'DIFFER'}: weight-decayed parameters "
               f"{decayed[0]:,} / {decayed[1]:,}, parameters weighted by lr scale {scales[0]:,.1f} / {scales[1]:,.1f}")

@@ -96,6 +96,9 @@ class ModelConfig:
     # Layers per iteration of the scanned loop; the depth (or more) unrolls it: on CPU the step then runs about as
     # fast as one module per layer (~10% faster than 1) at about twice the compile time of 1.
     scan_unroll: int = 1
+    # Attention kernel: auto takes cuDNN's fused attention on a GPU with bf16 compute (head dims multiple of 8, up
+    # to 128), XLA's elsewhere; xla or cudnn force one (cudnn where it cannot apply is an error).
+    attention: str = "auto"
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from jaxretrieval.config import Config, ConfigError
+from jaxretrieval.models.layers import ATTENTION_SETTINGS
 from jaxretrieval.systems import SYSTEMS, get_system
 from jaxretrieval.systems.base import System
 
@@ -39,6 +40,7 @@ def _common(config: Config, system: System) -> list[tuple[bool, str]]:
         (config.eval.folds >= 1, "eval.folds must be >= 1 (1: the whole gallery only)"),
         (data.max_words >= 1, "data.max_words must be >= 1"),
         (model.scan_unroll >= 1, "model.scan_unroll must be >= 1 (layers per iteration of the scanned loop)"),
+        (model.attention in ATTENTION_SETTINGS, f"model.attention must be one of {', '.join(ATTENTION_SETTINGS)}"),
         (train.micro_batches >= 1 and train.batch_size % train.micro_batches == 0,
          "train.micro_batches must be >= 1 and divide train.batch_size"),
         (train.accumulation in ("cache", "mean"), "train.accumulation must be cache or mean"),

@@ -17,11 +17,11 @@ from jaxretrieval.errors import ConfigError
 log = logging.getLogger("jaxretrieval.train")
 
 # Keys a resumed run cannot change: the parameter shapes (model sizes), the tokenizer, the optimizer state's form and
-# the data order (records, batch, seed). Regexes over dotted keys; remat only trades memory for compute, and
-# scan_layers changes the layout of the same parameters (checkpoints load into either).
+# the data order (records, batch, seed). Regexes over dotted keys; remat only trades memory for compute, scan_layers
+# changes the layout of the same parameters (checkpoints load into either), attention the kernel.
 DATA_ORDER = (r"data\.(kind|root|train_file|num_instances|demo_.*)$", r"train\.(batch_size|seed)$")
-FROZEN_ON_RESUME = (r"model\.(?!.*remat$|scan_layers$|scan_unroll$)", r"data\.tokenizer$", r"train\.optimizer$",
-                    *DATA_ORDER)
+FROZEN_ON_RESUME = (r"model\.(?!.*remat$|scan_layers$|scan_unroll$|attention$)", r"data\.tokenizer$",
+                    r"train\.optimizer$", *DATA_ORDER)
 
 
 class Preempted(Exception):  # noqa: N818 -- not an error: the run stopped where it was asked to, checkpointed

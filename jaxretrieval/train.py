@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +31,7 @@ from jaxretrieval import checkpoint, errors
 from jaxretrieval.config import Config, load_config, save_config, to_dict
 from jaxretrieval.errors import OutputPathError, UserError, probe_folder
 from jaxretrieval.gradients import contrastive_grad_fn
-from jaxretrieval.models import abstract_model, init_params, layer_depth, parameter_roles
+from jaxretrieval.models import abstract_model, init_params, layer_depth, parameter_roles, run_once
 from jaxretrieval.optim import learning_rate, make_optimizer
 from jaxretrieval.resume import Preempted, StopSignal, check_resume_config
 from jaxretrieval.sharding import (
@@ -122,7 +123,7 @@ def prepare_training(config: Config, mesh: Mesh) -> TrainingSetup:
     return TrainingSetup(
         graphdef, placed(abstract, param_shardings), placed(abstract_opt, opt_shardings),
         lambda: init_params(config, seed=cfg.seed, precision=cfg.precision, shardings=param_shardings),
-        jax.jit(tx.init, out_shardings=opt_shardings), step_fn)
+        partial(run_once, jax.jit(tx.init, out_shardings=opt_shardings)), step_fn)
 
 
 def setup_training(config: Config, mesh: Mesh) -> tuple[nnx.GraphDef, dict, Any, Callable]:

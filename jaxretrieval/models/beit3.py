@@ -19,7 +19,7 @@ from einops import rearrange
 from flax import nnx
 
 from jaxretrieval.models.clip import l2_normalize
-from jaxretrieval.models.layers import LogitScalars, dense, layer_norm
+from jaxretrieval.models.layers import LogitScalars, attend, attention_implementation, dense, layer_norm
 from jaxretrieval.models.stacking import rematerialised, scan_stack, stack_modules
 from jaxretrieval.sharding import constrain
 
@@ -64,8 +64,9 @@ class FeedForward(nnx.Module):
 
 
 class MultiwayAttention(nnx.Module):
-    def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype: Any, attention: str = "xla"):
         self.heads = heads
+        self.implementation = attention_implementation(attention, dtype, width // heads)
 
         def proj() -> Multiway:
             return Multiway(lambda: dense(width, width, rngs=rngs, std=0.02, dtype=dtype))
@@ -81,16 +82,15 @@ class MultiwayAttention(nnx.Module):
             return constrain(t.reshape(batch, length, self.heads, width // self.heads), "batch", None, "heads", None)
 
         q, k, v = (heads(p(x, split)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        mask = None if keep is None else keep[:, None, None, :]
-        # dot_product_attention scales q by head_dim ** -0.5, as torchscale does before q @ k.
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(batch, length, width)
+        # attend scales q by head_dim ** -0.5, as torchscale does before q @ k.
+        y = attend(q, k, v, keep=keep, implementation=self.implementation).reshape(batch, length, width)
         return self.out_proj(self.inner_attn_ln(y, split), split)
 
 
 class EncoderLayer(nnx.Module):
-    def __init__(self, width: int, heads: int, ffn_dim: int, *, rngs: nnx.Rngs, dtype: Any):
+    def __init__(self, width: int, heads: int, ffn_dim: int, *, rngs: nnx.Rngs, dtype: Any, attention: str = "xla"):
         self.self_attn_layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
-        self.self_attn = MultiwayAttention(width, heads, rngs=rngs, dtype=dtype)
+        self.self_attn = MultiwayAttention(width, heads, rngs=rngs, dtype=dtype, attention=attention)
         self.final_layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
         self.ffn = Multiway(lambda: FeedForward(width, ffn_dim, rngs=rngs, dtype=dtype))
 
@@ -109,7 +109,8 @@ class BEiT3(nnx.Module):
 
     def __init__(self, *, layers: int, width: int, heads: int, ffn_dim: int, image_size: int, patch_size: int,
                  vocab_size: int, max_text_positions: int, drop_path_rate: float = 0.0, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32, remat: str = "none", scan: bool = True, unroll: int = 1):
+                 dtype: Any = jnp.float32, remat: str = "none", scan: bool = True, unroll: int = 1,
+                 attention: str = "xla"):
         self.patch_size = patch_size
         self.dtype = dtype
         patches = (image_size // patch_size) ** 2
@@ -126,7 +127,7 @@ class BEiT3(nnx.Module):
         self.drop_path_rates = tuple(float(rate) for rate in np.linspace(0.0, drop_path_rate, layers))
 
         def make(layer_rngs: nnx.Rngs) -> EncoderLayer:
-            return EncoderLayer(width, heads, ffn_dim, rngs=layer_rngs, dtype=dtype)
+            return EncoderLayer(width, heads, ffn_dim, rngs=layer_rngs, dtype=dtype, attention=attention)
 
         self.layers = stack_modules(make, layers, rngs) if scan else nnx.List([make(rngs) for _ in range(layers)])
         self.layer_norm = Multiway(lambda: layer_norm(width, rngs=rngs, dtype=dtype))
@@ -195,7 +196,7 @@ class BEiT3Retrieval(nnx.Module, LogitScalars):
                            patch_size=config.image.patch_size, vocab_size=config.text.vocab_size,
                            max_text_positions=multiway.max_text_positions, drop_path_rate=config.drop_path,
                            rngs=rngs, dtype=dtype, remat=multiway.remat, scan=config.scan_layers,
-                           unroll=config.scan_unroll)
+                           unroll=config.scan_unroll, attention=config.attention)
         self.pad_id = multiway.pad_id
         width = multiway.width
         self.vision_head = dense(width, width, rngs=rngs, std=0.02, dtype=dtype, use_bias=False)

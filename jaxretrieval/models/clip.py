@@ -19,7 +19,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 def clip_towers(config, *, rngs: nnx.Rngs, dtype=jnp.float32) -> tuple[VisionTransformer, TextTransformer]:
     """CLIP's image and text towers as `config` (a ModelConfig) sizes them, each ending in its projection."""
     shared = {"embed_dim": config.embed_dim, "activation": config.activation, "rngs": rngs, "dtype": dtype,
-              "scan": config.scan_layers, "unroll": config.scan_unroll}
+              "scan": config.scan_layers, "unroll": config.scan_unroll, "attention": config.attention}
     image, text = config.image, config.text
     visual = VisionTransformer(image_size=image.image_size, patch_size=image.patch_size, width=image.width,
                                layers=image.layers, heads=image.heads, mlp_ratio=image.mlp_ratio, remat=image.remat,

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxretrieval.errors import ConfigError
 from jaxretrieval.models.stacking import REMAT_POLICIES, rematerialised, scan_stack, stack_modules
 from jaxretrieval.sharding import constrain
 
-__all__ = ["REMAT_POLICIES", "Attention", "Block", "LogitScalars", "MLP", "Transformer", "dense", "layer_norm",
-           "rematerialised"]
+__all__ = ["ATTENTION_SETTINGS", "REMAT_POLICIES", "Attention", "Block", "LogitScalars", "MLP", "Transformer",
+           "attend", "attention_implementation", "dense", "layer_norm", "rematerialised"]
+
+# model.attention: auto takes cuDNN's fused attention where it applies (see attention_implementation), XLA elsewhere.
+ATTENTION_SETTINGS = ("auto", "xla", "cudnn")
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -31,12 +37,45 @@ def layer_norm(width: int, *, rngs: nnx.Rngs, dtype) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
+def attention_implementation(setting: str, dtype: Any, head_dim: int) -> str:
+    """The implementation `jax.nn.dot_product_attention` is asked for: cudnn (fused flash attention) on a GPU for
+    half-precision compute and head dims that are multiples of 8 up to 128, as the kernel requires; xla elsewhere.
+    An explicit "cudnn" that cannot apply is an error naming why."""
+    if setting not in ATTENTION_SETTINGS:
+        raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_SETTINGS)}, got {setting!r}")
+    reasons = [why for failed, why in (
+        (jax.default_backend() != "gpu", f"the backend is {jax.default_backend()}, not gpu"),
+        (jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16), f"compute is {jnp.dtype(dtype).name} (needs bf16)"),
+        (head_dim % 8 or head_dim > 128, f"the head dim is {head_dim} (needs a multiple of 8, at most 128)"),
+    ) if failed]
+    if setting == "cudnn" and reasons:
+        raise ConfigError("model.attention=cudnn cannot apply: " + "; ".join(reasons) + " (auto chooses for you)")
+    return "xla" if setting == "xla" or reasons else "cudnn"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, keep: jax.Array | None = None,
+           implementation: str = "xla") -> jax.Array:
+    """Scaled dot-product attention over (batch, length, heads, head_dim) inputs. keep: (batch, length) bool, False
+    on padding keys. cuDNN is given the padding as key lengths (its fused kernel takes no boolean mask), so there
+    padding must trail each row, as the tokenizers write it."""
+    if keep is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+    if implementation == "cudnn":
+        lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                            implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=keep[:, None, None, :], is_causal=causal,
+                                        implementation=implementation)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with one fused qkv projection (OpenAI's in_proj layout)."""
 
-    def __init__(self, width: int, heads: int, *, causal: bool, layers: int, rngs: nnx.Rngs, dtype):
+    def __init__(self, width: int, heads: int, *, causal: bool, layers: int, rngs: nnx.Rngs, dtype,
+                 attention: str = "xla"):
         self.heads = heads
         self.causal = causal
+        self.implementation = attention_implementation(attention, dtype, width // heads)
         self.qkv = dense(width, 3 * width, rngs=rngs, std=width**-0.5, dtype=dtype)
         self.out = dense(width, width, rngs=rngs, std=width**-0.5 * (2 * layers) ** -0.5, dtype=dtype)
 
@@ -44,7 +83,7 @@ class Attention(nnx.Module):
         batch, length, width = x.shape
         qkv = jnp.split(self.qkv(x).reshape(batch, length, 3 * self.heads, -1), 3, axis=2)
         q, k, v = (constrain(t, "batch", None, "heads", None) for t in qkv)
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        y = attend(q, k, v, causal=self.causal, implementation=self.implementation)
         return self.out(y.reshape(batch, length, width))
 
 
@@ -59,9 +98,10 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, width, heads, mlp_ratio, activation, *, causal, layers, rngs: nnx.Rngs, dtype):
+    def __init__(self, width, heads, mlp_ratio, activation, *, causal, layers, rngs: nnx.Rngs, dtype,
+                 attention: str = "xla"):
         self.ln_1 = layer_norm(width, rngs=rngs, dtype=dtype)
-        self.attn = Attention(width, heads, causal=causal, layers=layers, rngs=rngs, dtype=dtype)
+        self.attn = Attention(width, heads, causal=causal, layers=layers, rngs=rngs, dtype=dtype, attention=attention)
         self.ln_2 = layer_norm(width, rngs=rngs, dtype=dtype)
         self.mlp = MLP(width, int(width * mlp_ratio), activation, layers=layers, rngs=rngs, dtype=dtype)
 
@@ -74,10 +114,11 @@ class Transformer(nnx.Module):
     """`layers` blocks, stacked and scanned (`scan`, the default) or one module per layer."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, activation: str, *,
-                 causal: bool, rngs: nnx.Rngs, dtype, remat: str = "none", scan: bool = True, unroll: int = 1):
+                 causal: bool, rngs: nnx.Rngs, dtype, remat: str = "none", scan: bool = True, unroll: int = 1,
+                 attention: str = "xla"):
         def make(block_rngs: nnx.Rngs) -> Block:
             return Block(width, heads, mlp_ratio, activation, causal=causal, layers=layers, rngs=block_rngs,
-                         dtype=dtype)
+                         dtype=dtype, attention=attention)
 
         self.blocks = stack_modules(make, layers, rngs) if scan else nnx.List([make(rngs) for _ in range(layers)])
         self.remat = remat

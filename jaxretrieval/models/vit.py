@@ -13,7 +13,8 @@ from jaxretrieval.models.layers import Transformer, dense, layer_norm
 class VisionTransformer(nnx.Module):
     def __init__(self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int,
                  mlp_ratio: float, embed_dim: int, activation: str, rngs: nnx.Rngs, dtype=jnp.float32,
-                 remat: str = "none", scan: bool = True, unroll: int = 1):
+                 remat: str = "none", scan: bool = True, unroll: int = 1,
+                 attention: str = "xla"):
         self.patch_size = patch_size
         self.dtype = dtype
         grid = image_size // patch_size
@@ -25,7 +26,8 @@ class VisionTransformer(nnx.Module):
         self.positional_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (grid * grid + 1, width)))
         self.ln_pre = layer_norm(width, rngs=rngs, dtype=dtype)
         self.transformer = Transformer(width, layers, heads, mlp_ratio, activation, causal=False, rngs=rngs,
-                                       dtype=dtype, remat=remat, scan=scan, unroll=unroll)
+                                       dtype=dtype, remat=remat, scan=scan, unroll=unroll,
+                                       attention=attention)
         self.ln_post = layer_norm(width, rngs=rngs, dtype=dtype)
         self.proj = nnx.Param(scale * jax.random.normal(rngs.params(), (width, embed_dim)))
 
