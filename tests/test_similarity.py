@@ -13,7 +13,8 @@ import pytest
 from conftest import run_python
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxretrieval.retrieval.similarity import _chunk_topk, _default_mesh, _topk_fn, topk_similarity, write_similarity
+from jaxretrieval.retrieval.index import _chunk_topk, _topk_fn, default_mesh
+from jaxretrieval.retrieval.similarity import topk_similarity, write_similarity
 
 
 def reference_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +127,7 @@ def test_bad_chunks_and_overflow_raise(tmp_path: Path) -> None:
 
 
 def compiled_temp_bytes(rows_per_device: int, query_chunk: int, gallery_chunk: int, dim: int = 64) -> int:
-    mesh = _default_mesh()
+    mesh = default_mesh()
     replicated = NamedSharding(mesh, PartitionSpec())
     args = (jax.ShapeDtypeStruct((query_chunk, dim), jnp.float32, sharding=replicated),
             jax.ShapeDtypeStruct((rows_per_device, dim), jnp.float32,

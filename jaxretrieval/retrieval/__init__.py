@@ -7,6 +7,7 @@ from jaxretrieval.retrieval.centroids import (
     l2_normalize,
 )
 from jaxretrieval.retrieval.embed import embed_all
+from jaxretrieval.retrieval.index import GalleryIndex
 from jaxretrieval.retrieval.metrics import (
     JUNK_PID,
     ReidQueryResults,
@@ -21,7 +22,7 @@ from jaxretrieval.retrieval.metrics import (
 )
 
 __all__ = [
-    "JUNK_PID", "MIXED_CAMERA", "CentroidBlock", "ReidQueryResults", "best_rank", "centroid_gallery",
+    "JUNK_PID", "MIXED_CAMERA", "CentroidBlock", "GalleryIndex", "ReidQueryResults", "best_rank", "centroid_gallery",
     "centroid_scores", "coco_recall", "embed_all", "evaluate_reid", "image_text_recall", "l2_normalize",
     "ranking_metrics", "recall_table", "reid_metrics", "reid_query_results", "summarize_reid",
 ]
