@@ -22,7 +22,7 @@ run() {  # run NAME CAP_SECONDS COMMAND...
   local began=$SECONDS
   timeout --kill-after=10 "$cap" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
-  grep -E '^\||start-up|groups|rounds|jax [0-9]|agreement|exact top-k|not run' "$OUT/$name.log" >>"$OUT/summary.log"
+  grep -E '^\||start-up|groups|rounds|jax [0-9]|agreement|exact top-k|not run|BERT-base' "$OUT/$name.log" >>"$OUT/summary.log"
   [ "$rc" -ne 0 ] && tail -n 5 "$OUT/$name.log" >>"$OUT/summary.log"
   echo "rc=$rc ($((SECONDS - began)) s)" >>"$OUT/summary.log"
 }
@@ -31,19 +31,22 @@ if [ "${GPU_SH_TINY:-0}" = 1 ]; then
   clip=(--model tiny --batch 8 --steps 2 --warmup 1) beit3=(--model beit3_tiny --batch 4 --steps 2 --warmup 1)
   ctl=(--tiny --batch 8 --steps 2 --warmup 1) attention=(--steps 2 --scale 0.02) torch_sides=jax,torch
   topk=(--queries 2000 --gallery 20000 --dim 64 --k 10,100 --rounds 1)
+  bert=(--layers 2 --batch 8 --length 16 --steps 2 --warmup 1)
 else
   clip=(--model vit_b16 --batch 256 --steps 10 --warmup 3 --precision bf16 --peak-tflops 989)
   beit3=(--model beit3_large_patch16_384 --batch 32 --steps 5 --warmup 2 --precision bf16 --peak-tflops 989)
   ctl=(--batch 64 --steps 10 --warmup 3) attention=(--steps 20) torch_sides=jax,torch,torch-compile
   topk=(--queries 100000 --gallery 1000000 --dim 512 --k 10,100,1000 --rounds 2)
+  bert=(--batch 64 --length 64 --steps 10 --warmup 3 --precision bf16 --peak-tflops 989)
 fi
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   python3 -c 'import jax, flax, torch; print("jax", jax.__version__, jax.devices(), "flax", flax.__version__,
   "torch", torch.__version__)'; } >"$OUT/summary.log" 2>&1
-run attention 45 python3 benchmarks/attention.py "${attention[@]}"
-run clip_b16 150 python3 benchmarks/train_step.py "${clip[@]}" --frameworks "$torch_sides"
-run beit3_large 170 python3 benchmarks/train_step.py "${beit3[@]}" --frameworks jax,torch
-run ctl_resnet50 60 python3 benchmarks/reid_train_step.py "${ctl[@]}"
-run topk 110 python3 benchmarks/topk.py "${topk[@]}" --dtype bfloat16 --frameworks jax,jax-resident,torch,faiss
+run attention 40 python3 benchmarks/attention.py "${attention[@]}"
+run clip_b16 140 python3 benchmarks/train_step.py "${clip[@]}" --frameworks "$torch_sides"
+run beit3_large 160 python3 benchmarks/train_step.py "${beit3[@]}" --frameworks jax,torch
+run ctl_resnet50 50 python3 benchmarks/reid_train_step.py "${ctl[@]}"
+run topk 100 python3 benchmarks/topk.py "${topk[@]}" --dtype bfloat16 --frameworks jax,jax-resident,torch,faiss
+run bert_base 45 python3 benchmarks/bert_step.py "${bert[@]}"
 cat "$OUT/summary.log"

@@ -20,9 +20,11 @@ from jaxretrieval.retrieval.metrics import (
     reid_query_results,
     summarize_reid,
 )
+from jaxretrieval.retrieval.rerank import rerank, rerank_matrix
 
 __all__ = [
     "JUNK_PID", "MIXED_CAMERA", "CentroidBlock", "GalleryIndex", "ReidQueryResults", "best_rank", "centroid_gallery",
     "centroid_scores", "coco_recall", "embed_all", "evaluate_reid", "image_text_recall", "l2_normalize",
-    "ranking_metrics", "recall_table", "reid_metrics", "reid_query_results", "summarize_reid",
+    "ranking_metrics", "recall_table", "reid_metrics", "reid_query_results", "rerank", "rerank_matrix",
+    "summarize_reid",
 ]

@@ -26,6 +26,7 @@ from typing import IO, Any
 import numpy as np
 
 from jaxretrieval.errors import weights_only_reason
+from jaxretrieval.retrieval.rerank import candidates, fill_matrix
 
 
 @dataclass(eq=False)
@@ -265,16 +266,16 @@ def rerank_topk(primary: ScoreMatrix, reranker: ScoreMatrix, k: int) -> ScoreMat
     rest with a 1000 placeholder, took each row's minimum (the lowest re-scored item, logits being far below 1000)
     and put it in the placeholders' place. Ties in the primary's top k go to the lower gallery index; k at least
     the gallery size keeps every reranker score. The result takes the reranker's name and the primary's order.
+    `rerank.rerank_matrix` does the same with a cross-encoder run only on the top k, instead of a whole matrix.
     """
     if k < 1:
         raise ValueError(f"rerank k must be at least 1, got {k}")
     primary, reranker = align([primary, reranker])
     scores = reranker.scores.copy()
-    if scores.shape[1]:
-        top = _top_indices(primary.scores, k)
-        kept = np.take_along_axis(reranker.scores, top, axis=1)
-        scores[:] = kept.min(axis=1, keepdims=True)
-        np.put_along_axis(scores, top, kept, axis=1)
+    gallery = scores.shape[1]
+    if gallery:
+        _, top = candidates(primary.scores, min(k, gallery))
+        scores = fill_matrix(np.take_along_axis(reranker.scores, top, axis=1), top, gallery, "row_min")
     return ScoreMatrix(scores, primary.query_ids, primary.gallery_ids, reranker.name, reranker.source)
 
 

@@ -129,11 +129,13 @@ def _merge(values: jax.Array, indices: jax.Array, k: int) -> tuple[jax.Array, ja
 
 
 def _tile_for(width: int, k: int) -> int:
-    """The widest tile (a power of two up to _TILE dividing the row) leaving at least 4k tiles; 0: none does."""
+    """The widest tile (a power of two from _TILE down to 32, dividing the row) leaving at least 4k tiles; 0: none
+    does, and one top-k over the row is cheaper (on CPU, k = 1000 over 50,048 scores: 1.2 s whole, 2.0 s in tiles
+    of 8)."""
     tile = _TILE
-    while tile >= 8 and (width % tile or width // tile < 4 * k):
+    while tile >= 32 and (width % tile or width // tile < 4 * k):
         tile //= 2
-    return tile if tile >= 8 else 0
+    return tile if tile >= 32 else 0
 
 
 def _chunk_topk(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,121 @@
+"""BERT forward + backward, jaxretrieval's `models.bert` against transformers' `BertModel`, same sizes, same machine.
+
+`python benchmarks/bert_step.py [--layers 12] [--batch 64] [--length 64] [--steps 5] [--warmup 2] [--rounds 3]
+[--precision fp32|bf16] [--peak-tflops P]`
+
+A step is: embeddings and every layer, the sum of squares of the last hidden states as the loss, its gradient with
+respect to every parameter (no optimizer). The jax side is jitted (layers stacked and scanned); the torch side is
+eager, with `torch.autocast` for bf16, on CUDA when available. Each framework runs in a fresh process; --rounds
+alternates them and reports the median round. FLOPs are counted analytically (the matmuls of every layer,
+attention included, x3 for forward and backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from harness import alternating_rounds, environment, print_rounds, time_steps
+
+SIZES = {"vocab_size": 30522, "width": 768, "heads": 12, "ffn_dim": 3072, "max_positions": 512}
+
+
+def analytic_flops(layers: int, batch: int, length: int) -> float:
+    d, f = SIZES["width"], SIZES["ffn_dim"]
+    per_token = layers * (2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * length * d)
+    return 3.0 * per_token * batch * length
+
+
+def bench_jax(args: argparse.Namespace, tokens: np.ndarray) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxretrieval.models.bert import Bert
+
+    dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
+    model = Bert(**SIZES, layers=args.layers, rngs=nnx.Rngs(0), dtype=dtype)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def step(params, tokens):
+        def loss(p):
+            hidden = nnx.merge(graphdef, p)(tokens).astype(jnp.float32)
+            return jnp.mean(hidden ** 2)
+
+        return jax.value_and_grad(loss)(params)
+
+    batch = jnp.asarray(tokens)
+    first, median, _ = time_steps(lambda: jax.block_until_ready(step(params, batch)), args.warmup, args.steps)
+    return {"framework": "jaxretrieval", "device": jax.devices()[0].device_kind, "first_step_s": first,
+            "step_s": median}
+
+
+def bench_torch(args: argparse.Namespace, tokens: np.ndarray) -> dict:
+    import torch
+    import transformers
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = transformers.BertConfig(vocab_size=SIZES["vocab_size"], hidden_size=SIZES["width"],
+                                     num_hidden_layers=args.layers, num_attention_heads=SIZES["heads"],
+                                     intermediate_size=SIZES["ffn_dim"], hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, add_pooling_layer=False)
+    model = transformers.BertModel(config, add_pooling_layer=False).to(device).train()
+    batch = torch.from_numpy(tokens).long().to(device)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(batch).last_hidden_state.float().pow(2).mean()
+        loss.backward()
+        loss.item()
+
+    first, median, _ = time_steps(step, args.warmup, args.steps)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"framework": "transformers", "device": name, "first_step_s": first, "step_s": median}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--frameworks", default="jax,torch")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    frameworks = args.frameworks.split(",")
+    if len(frameworks) > 1:
+        print(" | ".join(f"{k}: {v}" for k, v in environment(0, ("jax", "flax", "torch", "transformers")).items()))
+        rows = alternating_rounds(__file__, frameworks, argv, args.rounds)
+    else:
+        tokens = np.random.default_rng(0).integers(1000, SIZES["vocab_size"], (args.batch, args.length))
+        rows = [{"jax": bench_jax, "torch": bench_torch}[frameworks[0]](args, tokens)]
+    flops = analytic_flops(args.layers, args.batch, args.length)
+    ours = next((r["step_s"] for r in rows if r["framework"] == "jaxretrieval"), None)
+    print(f"\nBERT-base forward + backward, {args.layers} layers, batch {args.batch} x {args.length} tokens, "
+          f"{args.precision}, {flops / 1e9:.0f} GFLOP/step (analytic)\n")
+    print("| framework | device | step (ms, median) | sequences/s | TFLOP/s | MFU | first step (s) | jax speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tflops = flops / r["step_s"] / 1e12
+        mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "-"
+        ratio = f"{r['step_s'] / ours:.2f}x" if ours and r["framework"] != "jaxretrieval" else ""
+        print(f"| {r['framework']} | {r['device']} | {r['step_s'] * 1e3:.1f} | {args.batch / r['step_s']:.1f} | "
+              f"{tflops:.3f} | {mfu} | {r['first_step_s']:.2f} | {ratio} |")
+    print_rounds(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

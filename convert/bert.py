@@ -1,0 +1,131 @@
+"""Hugging Face BERT weights (`BertModel`, `BertForMaskedLM`, or a fusion BERT with `crossattention` layers) to our
+`models.bert` layout and back.
+
+Names: `[bert.]embeddings.{word,position,token_type}_embeddings`, `embeddings.LayerNorm`,
+`encoder.layer.{i}.attention.self.{query,key,value}`, `.attention.output.{dense,LayerNorm}`, the same under
+`.crossattention` for fusion layers, `.intermediate.dense`, `.output.{dense,LayerNorm}`, `pooler.dense` and, for the
+MLM head, `cls.predictions.transform.{dense,LayerNorm}`, `cls.predictions.bias` and the decoder tied to the word
+embeddings. Linear weights are (out, in) in torch and (in, out) here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import numpy as np
+
+from convert import ConvertError
+from jaxretrieval.models.bert import layer_path
+
+_LINEAR = {"query": "query", "key": "key", "value": "value", "output.dense": "output"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertSizes:
+    vocab_size: int
+    width: int
+    layers: int
+    heads: int
+    ffn_dim: int
+    max_positions: int
+    type_vocab_size: int
+    fusion_from: int
+    cross_every: int = 1
+    encoder_width: int | None = None
+    pooler: bool = True  # BertForMaskedLM has none
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def sizes_from_hf(config: dict[str, Any], state: dict[str, np.ndarray], prefix: str) -> BertSizes:
+    """Sizes from a HF config.json, the fusion layers read off the state (the first layer with crossattention)."""
+    layers = int(config["num_hidden_layers"])
+    cross = sorted(int(m.group(1)) for key in state
+                   if (m := re.match(rf"{re.escape(prefix)}encoder\.layer\.(\d+)\.crossattention\.self\.query\.weight$",
+                                     key)))
+    fusion_from = cross[0] if cross else layers
+    every = cross[1] - cross[0] if len(cross) > 1 else 1
+    if cross and cross != list(range(fusion_from, layers, every)):
+        raise ConvertError(f"cross-attention in layers {cross}: not every {every} layers from {fusion_from} on")
+    encoder_width = (state[f"{prefix}encoder.layer.{fusion_from}.crossattention.self.key.weight"].shape[1]
+                     if cross else None)
+    return BertSizes(vocab_size=int(config["vocab_size"]), width=int(config["hidden_size"]), layers=layers,
+                     heads=int(config["num_attention_heads"]), ffn_dim=int(config["intermediate_size"]),
+                     max_positions=int(config["max_position_embeddings"]),
+                     type_vocab_size=int(config.get("type_vocab_size", 2)), fusion_from=fusion_from,
+                     cross_every=every, encoder_width=encoder_width, pooler=f"{prefix}pooler.dense.weight" in state)
+
+
+def _linear(ours: str, theirs: str) -> list[tuple[str, str, bool]]:
+    return [(f"{ours}/kernel", f"{theirs}.weight", True), (f"{ours}/bias", f"{theirs}.bias", False)]
+
+
+def _norm(ours: str, theirs: str) -> list[tuple[str, str, bool]]:
+    return [(f"{ours}/scale", f"{theirs}.weight", False), (f"{ours}/bias", f"{theirs}.bias", False)]
+
+
+def _attention(ours: str, theirs: str) -> list[tuple[str, str, bool]]:
+    pairs = [p for name in ("query", "key", "value") for p in _linear(f"{ours}/{name}", f"{theirs}.self.{name}")]
+    return pairs + _linear(f"{ours}/output", f"{theirs}.output.dense") + _norm(f"{ours}/norm",
+                                                                              f"{theirs}.output.LayerNorm")
+
+
+def name_pairs(sizes: BertSizes, prefix: str = "", mlm: bool = False) -> list[tuple[str, str, bool]]:
+    """(our per-layer path, their key, transposed) for every tensor; our layers as `.../layers/<index>/...`."""
+    pairs = [("embeddings/word/embedding", f"{prefix}embeddings.word_embeddings.weight", False),
+             ("embeddings/position/embedding", f"{prefix}embeddings.position_embeddings.weight", False),
+             ("embeddings/token_type/embedding", f"{prefix}embeddings.token_type_embeddings.weight", False),
+             *_norm("embeddings/norm", f"{prefix}embeddings.LayerNorm"),
+             *(_linear("pooler", f"{prefix}pooler.dense") if sizes.pooler else [])]
+    for i in range(sizes.layers):
+        stack, index, inner = layer_path(i, layers=sizes.layers, fusion_from=sizes.fusion_from,
+                                         cross_every=sizes.cross_every)
+        ours = f"{stack}/{index}" + (f"/{inner}" if inner else "")
+        theirs = f"{prefix}encoder.layer.{i}"
+        pairs += _attention(f"{ours}/attention", f"{theirs}.attention")
+        if inner == "cross":
+            pairs += _attention(f"{ours}/crossattention", f"{theirs}.crossattention")
+        pairs += _linear(f"{ours}/intermediate", f"{theirs}.intermediate.dense")
+        pairs += _linear(f"{ours}/output", f"{theirs}.output.dense")
+        pairs += _norm(f"{ours}/norm", f"{theirs}.output.LayerNorm")
+    if mlm:
+        pairs += [*_linear("mlm/transform", "cls.predictions.transform.dense"),
+                  *_norm("mlm/norm", "cls.predictions.transform.LayerNorm"),
+                  ("mlm/bias", "cls.predictions.bias", False)]
+    return pairs
+
+
+def flat_from_hf(state: dict[str, np.ndarray], sizes: BertSizes, prefix: str = "",
+                 mlm: bool = False) -> dict[str, np.ndarray]:
+    """Our per-layer flat {path: array} from their state; a missing tensor is a ConvertError naming it."""
+    missing = [theirs for _, theirs, _ in name_pairs(sizes, prefix, mlm) if theirs not in state]
+    if missing:
+        raise ConvertError(f"not a BERT of these sizes: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    return {ours: (state[theirs].T if transposed else state[theirs])
+            for ours, theirs, transposed in name_pairs(sizes, prefix, mlm)}
+
+
+def hf_from_flat(flat: dict[str, np.ndarray], sizes: BertSizes, prefix: str = "",
+                 mlm: bool = False) -> dict[str, np.ndarray]:
+    """Their state from our per-layer flat params (the MLM decoder tied to the word embeddings)."""
+    state = {theirs: np.ascontiguousarray(flat[ours].T if transposed else flat[ours])
+             for ours, theirs, transposed in name_pairs(sizes, prefix, mlm)}
+    if mlm:
+        state["cls.predictions.decoder.weight"] = state[f"{prefix}embeddings.word_embeddings.weight"]
+        state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
+    return state
+
+
+def hf_config(sizes: BertSizes) -> dict[str, Any]:
+    """config.json for `transformers.BertConfig` (a fusion BERT is marked as transformers requires: a decoder)."""
+    config = {"model_type": "bert", "vocab_size": sizes.vocab_size, "hidden_size": sizes.width,
+              "num_hidden_layers": sizes.layers, "num_attention_heads": sizes.heads,
+              "intermediate_size": sizes.ffn_dim, "max_position_embeddings": sizes.max_positions,
+              "type_vocab_size": sizes.type_vocab_size, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
+    return config
+
+
+__all__ = ["BertSizes", "flat_from_hf", "hf_config", "hf_from_flat", "name_pairs", "sizes_from_hf"]
