@@ -4,6 +4,8 @@
   python -m convert clip-export CKPT OUT --format open_clip|hf
   python -m convert beit3 SRC.pth OUT --spm PATH [--image-size N]
   python -m convert ctl SRC.ckpt OUT [--input-size H W]      (or a torchvision ResNet-50 .pth: a backbone)
+  python -m convert bert SRC_FOLDER OUT                       (Hugging Face BERT: a text tower for train.init_from)
+  python -m convert bert-export CKPT OUT                      (back to a Hugging Face folder)
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from convert.sources import INSTALL_EXTRA
 from jaxretrieval.errors import add_verbose, command, parse_command_line, probe_output_folder, require
 
 # The packages each command needs before it reads anything (reading a .safetensors source also needs safetensors).
-NEEDS = {"clip": ("torch",), "beit3": ("torch",), "ctl": ("torch",), "clip-export": ("safetensors",)}
+NEEDS = {"clip": ("torch",), "beit3": ("torch",), "ctl": ("torch",), "clip-export": ("safetensors",),
+         "bert": ("torch",), "bert-export": ("safetensors",)}
 WHAT = {"clip": "converted checkpoint", "beit3": "converted checkpoint", "ctl": "converted checkpoint",
-        "clip-export": "exported model"}
+        "clip-export": "exported model", "bert": "converted checkpoint", "bert-export": "exported model"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,8 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     ctl.add_argument("out", help="new folder for the checkpoint (must not exist)")
     ctl.add_argument("--input-size", type=int, nargs=2, default=(256, 128), metavar=("H", "W"),
                      help="the input size the model was trained at (default 256 128; 320 320 for Street2Shop)")
+    bert = families.add_parser("bert", help="a Hugging Face BERT folder (BertModel, BertForMaskedLM, fusion BERT) -> "
+                                            "a partial checkpoint for a system's text tower")
+    bert.add_argument("src", help="folder with config.json and model.safetensors or pytorch_model.bin")
+    bert.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    bert_export = families.add_parser("bert-export", help="a converted BERT checkpoint -> a Hugging Face folder")
+    bert_export.add_argument("checkpoint", help="what `convert bert` wrote")
+    bert_export.add_argument("out", help="new folder for the exported model (must not exist)")
     add_verbose(parser)
-    for family in (clip, export, beit3, ctl):  # -v after the family name too, without resetting one given before it
+    # -v after the family name too, without resetting one given before it
+    for family in (clip, export, beit3, ctl, bert, bert_export):
         family.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help="show the traceback of an error")
     return parser
@@ -71,6 +82,12 @@ def check_out(out: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> str:
+    if args.command in ("bert", "bert-export"):
+        from convert.bert import export_bert, import_bert
+
+        if args.command == "bert":
+            return str(import_bert(args.src, args.out))
+        return str(export_bert(args.checkpoint, args.out))
     if args.command == "ctl":
         from convert.ctl import import_ctl
 

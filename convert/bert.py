@@ -11,13 +11,21 @@ embeddings. Linear weights are (out, in) in torch and (in, out) here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import shutil
+from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
 from convert import ConvertError
-from jaxretrieval.models.bert import layer_path
+from convert.sources import load_hf_weights, read_json, save_safetensors
+from jaxretrieval.checkpoint import load_model, read_meta_at, write_model
+from jaxretrieval.models.bert import Bert, MLMHead, layer_path
+from jaxretrieval.models.stacking import relayout
 
 _LINEAR = {"query": "query", "key": "key", "value": "value", "output.dense": "output"}
 
@@ -120,12 +128,78 @@ def hf_from_flat(flat: dict[str, np.ndarray], sizes: BertSizes, prefix: str = ""
 
 
 def hf_config(sizes: BertSizes) -> dict[str, Any]:
-    """config.json for `transformers.BertConfig` (a fusion BERT is marked as transformers requires: a decoder)."""
+    """config.json for `transformers.BertConfig`; a fusion BERT also records where its cross-attention layers are."""
     config = {"model_type": "bert", "vocab_size": sizes.vocab_size, "hidden_size": sizes.width,
               "num_hidden_layers": sizes.layers, "num_attention_heads": sizes.heads,
               "intermediate_size": sizes.ffn_dim, "max_position_embeddings": sizes.max_positions,
               "type_vocab_size": sizes.type_vocab_size, "hidden_act": "gelu", "layer_norm_eps": 1e-12}
+    if sizes.fusion_from < sizes.layers:
+        # transformers gives every layer cross-attention once add_cross_attention is set; ALBEF / X-VLM's xbert reads
+        # fusion_layer and encoder_width and gives it to the fusion layers only, as here.
+        config.update(add_cross_attention=True, is_decoder=True, fusion_layer=sizes.fusion_from,
+                      cross_every=sizes.cross_every, encoder_width=sizes.encoder_width or sizes.width)
     return config
 
 
-__all__ = ["BertSizes", "flat_from_hf", "hf_config", "hf_from_flat", "name_pairs", "sizes_from_hf"]
+def template(sizes: BertSizes, mlm: bool) -> dict[str, Any]:
+    """Abstract {"bert": ..., "mlm"?: ...} params of our modules for these sizes (stacked layers)."""
+
+    def build() -> dict[str, Any]:
+        rngs = nnx.Rngs(0)
+        tree = {"bert": nnx.to_pure_dict(nnx.state(Bert(**sizes.model_kwargs(), rngs=rngs)))}
+        if mlm:
+            tree["mlm"] = nnx.to_pure_dict(nnx.state(MLMHead(sizes.width, sizes.vocab_size, rngs=rngs)))
+        return tree
+
+    return jax.eval_shape(build)
+
+
+def _prefixed(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {(k if k.startswith("mlm/") else f"bert/{k}"): v for k, v in flat.items()}
+
+
+def import_bert(src: str | Path, out: str | Path) -> Path:
+    """A Hugging Face BERT folder (config.json + model.safetensors or pytorch_model.bin; BertModel, BertForMaskedLM
+    or a fusion BERT) -> a partial checkpoint {"bert", "mlm"?} that a system's train.init_from reads into its text
+    tower. Nothing is written at OUT on failure."""
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise ConvertError(f"{src} is not a Hugging Face BERT folder: config.json is missing")
+    config, state = read_json(src / "config.json"), load_hf_weights(src)
+    prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+    sizes = sizes_from_hf(config, state, prefix)
+    mlm = "cls.predictions.bias" in state
+    params = relayout(_prefixed(flat_from_hf(state, sizes, prefix, mlm)), template(sizes, mlm))
+    meta = {"partial": True, "component": "bert", "bert": dataclasses.asdict(sizes), "mlm": mlm,
+            "converted_from": {"path": str(src.absolute()), "format": "hf_bert"}}
+    return write_model(out, params, meta)
+
+
+def export_bert(checkpoint: str | Path, out: str | Path) -> Path:
+    """A checkpoint `import_bert` wrote -> a Hugging Face folder (config.json + model.safetensors) that
+    `BertModel.from_pretrained` (or `BertForMaskedLM`, with the MLM head) reads. Nothing at OUT on failure."""
+    meta = read_meta_at(checkpoint)
+    if meta.get("component") != "bert":
+        raise ConvertError(f"{checkpoint} holds no converted BERT (its metadata names no 'bert' component)")
+    sizes, mlm = BertSizes(**meta["bert"]), bool(meta.get("mlm"))
+    params, _ = load_model(checkpoint, template(sizes, mlm))
+    per_layer = relayout(params, _prefixed({ours: 0 for ours, _, _ in name_pairs(sizes, "", mlm)}))
+    flat = {name.removeprefix("bert/"): np.asarray(value) for name, value in per_layer.items()}
+    state = hf_from_flat(flat, sizes, "bert." if mlm else "", mlm)
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        config = {**hf_config(sizes), "architectures": ["BertForMaskedLM" if mlm else "BertModel"]}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_safetensors({k: np.asarray(v, np.float32) for k, v in state.items()}, staging / "model.safetensors")
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["BertSizes", "export_bert", "flat_from_hf", "hf_config", "hf_from_flat", "import_bert", "name_pairs",
+           "sizes_from_hf"]

@@ -170,3 +170,26 @@ def test_itm_heads_and_bf16():
     with pytest.raises(ValueError, match="do not split into units of 2"):
         Bert(vocab_size=50, width=32, layers=3, heads=4, ffn_dim=48, max_positions=16, fusion_from=0, cross_every=2,
              rngs=rngs)
+
+
+@pytest.mark.parametrize("mlm", [False, True])
+def test_convert_command_round_trips_a_hugging_face_folder(tmp_path, mlm):
+    from convert.__main__ import main as convert_main
+
+    model = hf_bert(2, mlm=True) if mlm else hf_bert(4, cross_from=2)
+    model.save_pretrained(tmp_path / "hf")
+    assert convert_main(["bert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert convert_main(["bert-export", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    from safetensors.numpy import load_file
+
+    back, want = load_file(tmp_path / "back" / "model.safetensors"), state_of(model)
+    assert set(back) == set(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    if mlm:  # transformers reads the export back as the same model
+        reread = transformers.BertForMaskedLM.from_pretrained(tmp_path / "back").eval()
+        tokens = torch.tensor(inputs()[0])
+        with torch.no_grad():
+            np.testing.assert_allclose(reread(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=1e-6)
+    assert convert_main(["bert", str(tmp_path), str(tmp_path / "other")]) == 2  # no config.json there
+    assert not (tmp_path / "other").exists()

@@ -16,6 +16,7 @@ import numpy as np
 from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.data.token_rows import check_context_length, check_spec, pack_rows, read_file, spec_int, spec_strings
+from jaxretrieval.data.wordpiece import WordPieceTokenizer
 from jaxretrieval.errors import DataError
 
 _WORD = re.compile(r"[^\W_]+")
@@ -174,6 +175,7 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any]], Tokenizer]] = {
     WordTokenizer.kind: WordTokenizer.from_spec,
     ClipTokenizer.kind: ClipTokenizer.from_spec,
     SentencePieceTokenizer.kind: SentencePieceTokenizer.from_spec,
+    WordPieceTokenizer.kind: WordPieceTokenizer.from_spec,
 }
 
 
