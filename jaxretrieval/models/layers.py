@@ -54,17 +54,18 @@ def attention_implementation(setting: str, dtype: Any, head_dim: int) -> str:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, keep: jax.Array | None = None,
-           implementation: str = "xla") -> jax.Array:
+           bias: jax.Array | None = None, implementation: str = "xla") -> jax.Array:
     """Scaled dot-product attention over (batch, length, heads, head_dim) inputs. keep: (batch, length) bool, False
-    on padding keys. cuDNN is given the padding as key lengths (its fused kernel takes no boolean mask), so there
-    padding must trail each row, as the tokenizers write it."""
+    on padding keys; bias: added to the logits, broadcast to (batch, heads, queries, keys) (relative positions).
+    cuDNN is given the padding as key lengths (its fused kernel takes no boolean mask), so there padding must
+    trail each row, as the tokenizers write it."""
     if keep is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal, implementation=implementation)
     if implementation == "cudnn":
         lengths = jnp.sum(keep, axis=-1, dtype=jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal, key_value_seq_lengths=lengths,
                                             implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=keep[:, None, None, :], is_causal=causal,
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=keep[:, None, None, :], is_causal=causal,
                                         implementation=implementation)
 
 
