@@ -188,6 +188,8 @@ def test_the_default_gallery_chunk_follows_device_memory():
     assert default_gallery_chunk(mesh, 1024) == 65536  # a CPU reports no memory: 256 MiB of scores
 
     class Device:
+        process_index = 0
+
         def __init__(self, limit):
             self.limit = limit
 
