@@ -74,12 +74,15 @@ def default_mesh() -> Mesh:
 
 def default_gallery_chunk(mesh: Mesh, query_chunk: int) -> int:
     """Gallery rows per scan step: a query chunk's float32 scores against them take about 1/16 of a device's memory
-    (256 MiB where the device does not report it, as on CPU), in whole tiles, between 4,096 and 1,048,576 rows."""
+    (256 MiB where the device does not report it, as on CPU), in whole tiles, between 4,096 and 1,048,576 rows; on
+    many processes, process 0's figure (each asks its own device)."""
     local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())  # others' are not ours to ask
     stats = local.memory_stats() or {}
     budget = stats.get("bytes_limit", 16 * _SCORE_BUDGET) // 16
-    rows = budget // (query_chunk * 4) // _TILE * _TILE
-    return int(min(max(rows, 4096), 1 << 20))
+    rows = int(min(max(budget // (query_chunk * 4) // _TILE * _TILE, 4096), 1 << 20))
+    if jax.process_count() > 1:  # every process must compile the same program: process 0's choice holds
+        rows = int(multihost_utils.broadcast_one_to_all(np.asarray(rows, np.int32)))
+    return rows
 
 
 class _Layout:
