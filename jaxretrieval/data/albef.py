@@ -42,9 +42,9 @@ def pre_caption(caption: str, max_words: int = 64, where: str = "caption") -> st
     return text
 
 
-def read_json_array(path: Path) -> list:
-    """The items of a UTF-8 JSON file holding one array (a byte-order mark allowed); anything else is a DataError
-    naming the file."""
+def read_json_array(path: Path, what: str = '{"image_path", "caption", "image_id"} objects') -> list:
+    """The items of a UTF-8 JSON file holding one array (a byte-order mark allowed) of `what`; anything else is a
+    DataError naming the file."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -55,8 +55,7 @@ def read_json_array(path: Path) -> list:
         raise DataError(f"{path}: not valid UTF-8 text (byte {e.start + 1})") from None
     items = json_value(text, str(path), position=True)
     if not isinstance(items, list):
-        raise DataError(f'{path}: expected a JSON array of {{"image_path", "caption", "image_id"}} objects, got a '
-                        f"{type(items).__name__}")
+        raise DataError(f"{path}: expected a JSON array of {what}, got a {type(items).__name__}")
     return items
 
 

@@ -29,8 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxretrieval.data.albef import pre_caption
-from jaxretrieval.data.sources import json_value
+from jaxretrieval.data.albef import pre_caption, read_json_array
 from jaxretrieval.errors import ConfigError, DataError
 
 MAX_WORDS = 40  # CFACK's max_tokens, which its create_dataset passes to pre_caption as max_words
@@ -147,18 +146,7 @@ def pedes_paths(dataset_dir: str | Path, dataset: str) -> tuple[Path, Path]:
 def _load_array(path: Path, spec: PedesFormat) -> list:
     if not path.is_file():
         raise DataError(f"{spec.name} annotation file {path} does not exist")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text (byte {e.start + 1})") from None
-    items = json_value(text, str(path), position=True)
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON array of {spec.name} records, got a {type(items).__name__}")
-    return items
+    return read_json_array(path, f"{spec.name} records")
 
 
 def _value(item: dict, key: str, types: tuple[type, ...], where: str) -> Any:
