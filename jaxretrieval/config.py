@@ -105,7 +105,9 @@ class ModelConfig:
 class DataConfig:
     # jsonl: annotation files of {"image", "caption", "image_id"} lines; albef: ALBEF / CUSA JSON arrays of
     # {"image_path", "caption", "image_id"}, captions cleaned to max_words words; demo: generated captions. Re-id:
-    # market1501, dukemtmc (folders), street2shop (COCO JSON, train_file), reid_demo (generated).
+    # market1501, dukemtmc (folders), street2shop (COCO JSON, train_file), reid_demo (generated). Text-person:
+    # cuhk-pedes, icfg-pedes, rstpreid (root: the folder of reid_raw.json / ICFG-PEDES.json / data_captions.json and
+    # imgs/; captions cut to max_words words), pedes_demo (generated, in CUHK-PEDES's layout).
     kind: str = "jsonl"
     root: str = ""  # annotation paths and image paths are relative to this folder
     train_file: str = "train.jsonl"  # or a glob pattern (PAB: annotation/train/pair_*.json), files read sorted
@@ -113,6 +115,9 @@ class DataConfig:
     # Under root: a word vocabulary file, or CLIP BPE merges (*.gz); or "checkpoint": the tokenizer saved
     # with train.init_from.
     tokenizer: str = "vocab.txt"
+    # auto: by the file name above (a word list, CLIP BPE *.gz, SentencePiece *.spm/*.model); wordpiece: BERT's
+    # WordPiece from a vocab.txt, a tokenizer.json or a folder holding one (bert-base-uncased's lower-casing).
+    tokenizer_kind: str = "auto"
     max_words: int = 64  # albef: captions cut to this many words after cleaning
     workers: int = 0  # grain worker processes; 0 decodes in the training process
     skip_bad_records: bool = False  # False: a bad image or line is an error; True: skipped and counted
@@ -216,6 +221,15 @@ class EvalConfig:
     # False: a gallery or query image that cannot be read is an error naming it; True: skipped, counted in the
     # metrics as `skipped` and named in the log.
     skip_bad_records: bool = False
+    # Two-stage text_to_image evaluation (systems with a cross-encoder, e.g. cfack): each caption's top rerank_k
+    # images by the contrastive score are re-scored by the ITM head, metrics reported before (R1 ...) and after
+    # (rerank_R1 ...). 0: off. rerank_combine: replace (the ITM logit alone, X2-VLM / CFACK) or add (ITM + the
+    # contrastive score, BLIP-2); rerank_fill: what the other images of the row get: a number (X2-VLM: -100),
+    # row_min (PAB) or keep (their contrastive scores). rerank_batch: pairs per cross-encoder call.
+    rerank_k: int = 0
+    rerank_combine: str = "replace"
+    rerank_fill: Any = -100.0
+    rerank_batch: int = 256
 
 
 @dataclasses.dataclass

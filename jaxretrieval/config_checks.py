@@ -9,7 +9,7 @@ from jaxretrieval.models.layers import ATTENTION_SETTINGS
 from jaxretrieval.systems import SYSTEMS, get_system
 from jaxretrieval.systems.base import System
 
-CAPTION_KINDS = ("jsonl", "demo", "albef")
+CAPTION_KINDS = ("jsonl", "demo", "albef", "cuhk-pedes", "icfg-pedes", "rstpreid", "pedes_demo")
 REID_KINDS = ("market1501", "dukemtmc", "street2shop", "reid_demo")
 RULE_SET_NAMES = ("replicated", "fsdp", "fsdp_tensor")
 
@@ -38,6 +38,15 @@ def _common(config: Config, system: System) -> list[tuple[bool, str]]:
         (len(data.mean) == 3 and len(data.std) == 3, "data.mean and data.std need 3 values"),
         (train.epochs >= 0, "train.epochs must be >= 0"),
         (config.eval.folds >= 1, "eval.folds must be >= 1 (1: the whole gallery only)"),
+        (data.tokenizer_kind in ("auto", "wordpiece"), "data.tokenizer_kind must be auto or wordpiece"),
+        (config.eval.rerank_k >= 0, "eval.rerank_k must be >= 0 (0: no re-ranking)"),
+        (config.eval.rerank_k == 0 or system.reranks, f"eval.rerank_k: system {system.name} has no cross-encoder to "
+                                                      f"re-rank with"),
+        (config.eval.rerank_k == 0 or config.eval.protocol == "text_to_image",
+         "eval.rerank_k re-ranks the text_to_image protocol only (set eval.protocol: text_to_image)"),
+        (config.eval.rerank_combine in ("replace", "add"), "eval.rerank_combine must be replace or add"),
+        (config.eval.rerank_fill in ("row_min", "keep") or isinstance(config.eval.rerank_fill, int | float),
+         "eval.rerank_fill must be row_min, keep or a number"),
         (data.max_words >= 1, "data.max_words must be >= 1"),
         (model.scan_unroll >= 1, "model.scan_unroll must be >= 1 (layers per iteration of the scanned loop)"),
         (model.attention in ATTENTION_SETTINGS, f"model.attention must be one of {', '.join(ATTENTION_SETTINGS)}"),

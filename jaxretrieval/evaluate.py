@@ -12,6 +12,7 @@ import functools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -28,6 +29,7 @@ from jaxretrieval.errors import DataError, OutputPathError, command, parse_comma
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, evaluate_reid, image_text_recall
 from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
+from jaxretrieval.retrieval.rerank import RerankSpec, rerank_matrix
 from jaxretrieval.retrieval.similarity import topk_similarity
 from jaxretrieval.sharding import initialize_distributed, make_mesh, tree_shardings, under_mesh
 from jaxretrieval.systems import get_system
@@ -60,17 +62,26 @@ def embed_inputs(graphdef: nnx.GraphDef, params: dict, images, tokens: np.ndarra
 
 
 def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs: EvalInputs, mesh: Mesh, batch_size: int,
-                       protocol: str = "image_text", folds: int = 1) -> dict:
+                       protocol: str = "image_text", folds: int = 1, rerank: RerankSpec | None = None) -> dict:
     """Metrics of `protocol` (see EvalConfig.protocol) on one evaluation split, with `skipped`: the gallery images
     left out because they failed to decode (eval.skip_bad_records; see EvalInputs.without_skipped). `folds` > 1
     adds the image_text metrics averaged over that many folds of consecutive images, prefixed `1k_` (COCO's 5-fold
-    1K protocol)."""
-    image_emb, text_emb = embed_inputs(graphdef, params, inputs.images, inputs.tokens, mesh, batch_size)
+    1K protocol). `rerank` (text_to_image): also the metrics after re-ranking each caption's top k images with the
+    cross-encoder, prefixed `rerank_`."""
+    if rerank is None:
+        image_emb, text_emb = embed_inputs(graphdef, params, inputs.images, inputs.tokens, mesh, batch_size)
+    else:
+        image_emb, image_inputs = embed_all(lambda x: rerank.encoder.image(params, x), inputs.images, batch_size, mesh)
+        text_emb, text_inputs = embed_all(lambda t: rerank.encoder.text(params, t), inputs.tokens, batch_size, mesh)
     image_emb, text_emb, text_groups, image_groups = inputs.without_skipped(image_emb, text_emb, protocol)
     if protocol == "text_to_image":
         # mAP and mINP need the rank of every relevant image, so this scores the whole (captions, images) matrix.
         relevant = text_groups[:, None] == image_groups[None, :]
-        metrics = ranking_metrics(text_emb @ image_emb.T, relevant, RECALL_AT)
+        scores = text_emb @ image_emb.T
+        metrics = ranking_metrics(scores, relevant, RECALL_AT)
+        if rerank is not None:
+            metrics.update(rerank_metrics(params, scores, relevant, text_inputs, image_inputs, inputs.kept_rows(),
+                                          rerank, mesh))
     else:
         metrics = image_text_recall_all(image_emb, text_emb, text_groups, mesh)
         if folds > 1:
@@ -78,6 +89,20 @@ def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs: EvalInputs,
     metrics.update(num_images=int(image_emb.shape[0]), num_texts=int(text_emb.shape[0]),
                    skipped=len(inputs.images.skipped))
     return metrics
+
+
+def rerank_metrics(params: Any, scores: np.ndarray, relevant: np.ndarray, text_inputs: Any, image_inputs: Any,
+                   kept: tuple[np.ndarray, np.ndarray], rerank: RerankSpec, mesh: Mesh) -> dict[str, float]:
+    """`ranking_metrics` of the re-ranked (captions, images) matrix, keys prefixed `rerank_`, and `rerank_k` (the
+    k used: eval.rerank_k, or the gallery size when smaller)."""
+    image_rows, text_rows = kept
+    k = min(rerank.k, scores.shape[1])
+    matrix = rerank_matrix(scores, lambda q, g: rerank.encoder.pair_scores(params, q, g),
+                           jax.tree.map(lambda a: a[text_rows], text_inputs),
+                           jax.tree.map(lambda a: a[image_rows], image_inputs), k, fill=rerank.fill,
+                           combine=rerank.combine, mesh=mesh, batch_size=rerank.batch_size)
+    metrics = ranking_metrics(matrix, relevant, RECALL_AT)
+    return {**{f"rerank_{key}": value for key, value in metrics.items()}, "rerank_k": k}
 
 
 def image_text_recall_all(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray,

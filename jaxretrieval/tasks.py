@@ -16,6 +16,7 @@ from jaxretrieval.config import Config, ConfigError
 from jaxretrieval.data import reid_pipeline
 from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer, train_loader
 from jaxretrieval.evaluate import evaluate_reid_splits, evaluate_retrieval
+from jaxretrieval.retrieval.rerank import RerankSpec
 from jaxretrieval.systems import get_system
 from jaxretrieval.systems.base import Evaluator, System
 
@@ -48,9 +49,13 @@ def image_text_evaluator(config: Config, tokenizer: Any, source: Any = None) -> 
     source = source or caption_source(config, data_root(config), config.eval.split)
     eval_data = eval_inputs(config, source, tokenizer)
 
+    system = get_system(config.system)
+
     def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Mesh) -> dict[str, Any]:
-        return evaluate_retrieval(graphdef, params, eval_data, mesh, config.eval.batch_size, config.eval.protocol,
-                                  config.eval.folds)
+        e = config.eval
+        rerank = None if not e.rerank_k else RerankSpec(system.cross_encoder(config, graphdef, mesh), e.rerank_k,
+                                                         e.rerank_fill, e.rerank_combine, e.rerank_batch)
+        return evaluate_retrieval(graphdef, params, eval_data, mesh, e.batch_size, e.protocol, e.folds, rerank)
 
     return evaluate
 

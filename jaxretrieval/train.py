@@ -47,7 +47,8 @@ from jaxretrieval.systems import get_system
 from jaxretrieval.tasks import make_task
 
 log = logging.getLogger("jaxretrieval.train")
-SHOWN_METRICS = ("i2t", "t2i", "rsum", "R", "mAP", "mINP", "centroid_R1", "centroid_mAP")  # printed after an eval
+# printed after an eval
+SHOWN_METRICS = ("i2t", "t2i", "rsum", "R", "mAP", "mINP", "rerank_R", "rerank_mAP", "centroid_R1", "centroid_mAP")
 
 
 class NonFiniteLoss(UserError, FloatingPointError):

@@ -30,10 +30,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxretrieval.data.albef import pre_caption, read_json_array
+from jaxretrieval.data.sources import CaptionRecord, CaptionSource
 from jaxretrieval.errors import ConfigError, DataError
 
 MAX_WORDS = 40  # CFACK's max_tokens, which its create_dataset passes to pre_caption as max_words
 IMAGE_FOLDER = "imgs"
+# data.kind values: the three datasets (data.root: the folder of the annotation file and imgs/) and the generated demo
+PEDES_KINDS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "pedes_demo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,3 +296,30 @@ def relevant_images(test: PedesEval) -> list[np.ndarray]:
         by_pid.setdefault(pid, []).append(index)
     return [np.array(by_pid[pid], np.int64) for pid in test.caption_pids.tolist()]
 
+
+
+class PedesCaptionSource(CaptionSource):
+    """One split of a text-person dataset as caption records (the interface of CaptionSource): one record per
+    caption in file order, its group the person (dense, by first appearance), its line the annotation record. Under
+    eval.protocol text_to_image the gallery is every image of the split and every image of the caption's person is
+    relevant, CFACK's and IRRA's test protocol."""
+
+    def __init__(self, dataset_dir: str | Path, dataset: str, split: str, *, max_words: int = MAX_WORDS,
+                 clean_captions: bool = True):
+        path, root = pedes_paths(dataset_dir, dataset)
+        self.dataset, self.split = dataset, split
+        self.max_words, self.clean_captions = max_words, clean_captions
+        super().__init__(path, root)
+
+    def _read(self, file: int, path: Path) -> None:
+        _, root, records = _select(path, self.dataset, self.split, self.root, self.max_words, self.check_images)
+        for record in records:
+            group = self._groups.setdefault(record.person_id, len(self._groups))
+            self.records.extend(CaptionRecord(str(root / record.image), caption, group, file, record.record)
+                                for caption in _captions(path, record, self.max_words, self.clean_captions))
+
+    def where(self, record: CaptionRecord) -> str:
+        return f"{self.paths[record.file]} record {record.line}"
+
+    def __repr__(self) -> str:
+        return f"PedesCaptionSource({self.path} {self.split}, {len(self)} captions, {len(self._groups)} ids)"

@@ -4,7 +4,8 @@ Each identity is a drawn person with a gender (long or short hair), a shirt colo
 checked) and a lower garment (trousers, shorts, skirt) and its colour; no two identities share all five. Every
 image varies in position, lighting, background and noise; every caption names the same attributes in words, in
 several phrasings, with the capitals and punctuation real captions have. Train, val and test identities are
-disjoint. The result is `root/reid_raw.json` (ids from 1, as CUHK-PEDES) and `root/imgs/demo/*.png`, read by
+disjoint. The result is `root/reid_raw.json` (ids from 1, as CUHK-PEDES), `root/imgs/demo/*.png` and a WordPiece
+`root/vocab.txt` covering the captions, read by
 `jaxretrieval.data.pedes.cuhk_pedes(root, split)`.
 """
 
@@ -23,9 +24,11 @@ from PIL import Image
 from jaxretrieval.data.demo import install, sibling
 from jaxretrieval.data.tokenizers import split_words
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a WordPiece vocab.txt beside the annotations
 METADATA_FILE = "pedes_demo.json"
 ANNOTATION_FILE = "reid_raw.json"
+VOCAB_FILE = "vocab.txt"
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 IMAGE_FOLDER = "demo"  # under imgs/, as CUHK-PEDES's CUHK01, CUHK03, Market, ...
 SPLITS = ("train", "val", "test")
 
@@ -61,6 +64,14 @@ def caption_vocabulary() -> list[str]:
     words = [*literals, *COLOURS, *PATTERNS, *LOWER, *SHIRT_NOUNS, "a pair of", *PRONOUNS.values(),
              *(subject for subjects in SUBJECTS.values() for subject in subjects)]
     return sorted({word for text in words for word in split_words(text)})
+
+
+def wordpiece_vocabulary() -> list[str]:
+    """A BERT-style vocabulary for the demo captions: the special tokens, every caption word, the punctuation,
+    and each letter alone and as a `##` piece (so any word still tokenizes, in pieces, without [UNK])."""
+    letters = list(string.ascii_lowercase)
+    words = [word for word in caption_vocabulary() if word not in letters]
+    return [*SPECIAL_TOKENS, *words, *string.punctuation, *string.digits, *letters, *(f"##{c}" for c in letters)]
 
 
 def _identities(seed: int, count: int) -> list[dict[str, Any]]:
@@ -156,6 +167,7 @@ def _write_dataset(directory: Path, params: dict[str, Any]) -> dict[str, dict[st
             counts[split]["images"] += 1
             counts[split]["captions"] += len(captions)
     (directory / ANNOTATION_FILE).write_text(json.dumps(records) + "\n", encoding="utf-8")
+    (directory / VOCAB_FILE).write_text("\n".join(wordpiece_vocabulary()) + "\n", encoding="utf-8")
     return counts
 
 

@@ -24,10 +24,13 @@ from jaxretrieval.data.albef import AlbefCaptionSource
 from jaxretrieval.data.clip_bpe import ClipTokenizer
 from jaxretrieval.data.demo import generate_demo
 from jaxretrieval.data.order import GlobalBatchSampler, shuffled_epochs
+from jaxretrieval.data.pedes import PEDES_KINDS, PedesCaptionSource
+from jaxretrieval.data.pedes_demo import write_pedes_demo
 from jaxretrieval.data.sources import CaptionRecord, CaptionSource, DataError
 from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.data.tokenizers import Tokenizer, WordTokenizer, build_tokenizer
 from jaxretrieval.data.transforms import DropSkipped, EncodePair, HybridView, Preprocess
+from jaxretrieval.data.wordpiece import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,13 @@ log = logging.getLogger(__name__)
 def data_root(config: Config) -> Path:
     """The dataset folder; a demo dataset is generated there on first use (deterministic, no download)."""
     data = config.data
-    if not data.root and data.kind != "demo":
+    if not data.root and data.kind not in ("demo", "pedes_demo"):
         raise DataError(f"data.root must name the dataset folder for data.kind={data.kind}")
-    root = Path(data.root or "data/demo").expanduser()
+    root = Path(data.root or f"data/{data.kind}").expanduser()
     if data.kind == "demo":
         generate_demo(root, seed=data.demo_seed, num_train=data.demo_num_train, num_test=data.demo_num_test)
+    elif data.kind == "pedes_demo":
+        write_pedes_demo(root, seed=data.demo_seed)
     elif not root.is_dir():
         raise DataError(f"data.root {root} is not a folder")
     return root
@@ -49,7 +54,9 @@ def make_tokenizer(config: Config, root: Path, saved: dict | None = None) -> Tok
     """The tokenizer `data.tokenizer` names; `saved` is the spec stored with the init checkpoint."""
     name = config.data.tokenizer
     try:
-        if name == "checkpoint":
+        if config.data.tokenizer_kind == "wordpiece":
+            tokenizer = WordPieceTokenizer.from_file(root / name, config.model.text.context_length)
+        elif name == "checkpoint":
             if saved is None:
                 raise DataError("data.tokenizer=checkpoint needs train.init_from (a checkpoint with a tokenizer)")
             tokenizer = build_tokenizer(saved)
@@ -87,6 +94,11 @@ def annotation_files(root: Path, pattern: str) -> Path | list[Path]:
 def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
     """The records of a split. data.kind albef: ALBEF / CUSA JSON arrays, captions cleaned as ALBEF does (up to
     data.max_words words); evaluation splits list their images in sorted image_id order, as the originals do."""
+    if config.data.kind in PEDES_KINDS:
+        dataset = "cuhk-pedes" if config.data.kind == "pedes_demo" else config.data.kind
+        # CFACK tokenizes a training caption as written and an evaluation caption cleaned (pre_caption).
+        return PedesCaptionSource(root, dataset, split, max_words=config.data.max_words,
+                                  clean_captions=split != "train")
     name = {"train": config.data.train_file, "test": config.data.test_file}.get(split)
     if name is None:
         raise DataError(f"unknown split '{split}' (train or test)")
@@ -234,16 +246,20 @@ class EvalInputs(NamedTuple):
         """
         if not self.images.skipped:
             return image_emb, text_emb, self.text_groups, self.image_groups
-        keep = self.images.kept()
+        keep, texts = self.kept_rows()
         if not keep.any():
             raise DataError(f"every one of the {len(keep)} gallery images was skipped: nothing to evaluate")
         image_groups = self.image_groups[keep]
-        texts = np.isin(self.text_groups, image_groups)
         text_groups = self.text_groups[texts]
         if protocol == "image_text":
             text_groups = np.searchsorted(image_groups, text_groups).astype(np.int32)
             image_groups = np.arange(len(image_groups), dtype=np.int32)
         return image_emb[keep], text_emb[texts], text_groups, image_groups
+
+    def kept_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(images, captions) bool masks of the rows `without_skipped` keeps."""
+        keep = self.images.kept()
+        return keep, np.isin(self.text_groups, self.image_groups[keep])
 
 
 def eval_inputs(config: Config, source: CaptionSource, tokenizer: Tokenizer) -> EvalInputs:

@@ -139,7 +139,7 @@ class Bert(nnx.Module):
         fusion_from = layers if fusion_from is None else fusion_from
         if not 0 <= fusion_from <= layers or (layers - fusion_from) % cross_every:
             raise ValueError(f"fusion layers {fusion_from}..{layers - 1} do not split into units of {cross_every}")
-        self.sizes = {"layers": layers, "fusion_from": fusion_from, "cross_every": cross_every}
+        self.sizes = (("layers", layers), ("fusion_from", fusion_from), ("cross_every", cross_every))
         self.causal = causal
         self.embeddings = Embeddings(vocab_size, width, max_positions, type_vocab_size, rngs=rngs, dtype=dtype)
 

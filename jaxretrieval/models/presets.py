@@ -29,9 +29,26 @@ def _beit3(layers: int, width: int, heads: int, image_size: int) -> dict:
     }
 
 
+def _xvlm(image_size: int, width: int, layers: int, heads: int, text_layers: int, context: int) -> dict:
+    """X2-VLM (CFACK): a BEiT-2 tower (patch 16) and a BERT (bert-base-uncased vocabulary), ITC width 256."""
+    return {
+        "family": "xvlm",
+        "embed_dim": 256,
+        "image": {"image_size": image_size, "patch_size": 16, "width": width, "layers": layers, "heads": heads},
+        "text": {"context_length": context, "vocab_size": 30522, "width": width, "layers": text_layers,
+                 "heads": heads},
+    }
+
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # No preset: every size comes from the config (what `convert` writes for sizes no preset names).
     "custom": {},
+    # X2-VLM-base as CFACK fine-tunes it: BEiT-2 B/16 at 384, BERT 18 layers (cross-attention from 12), 40 tokens.
+    "x2vlm_base": _xvlm(384, 768, 12, 12, 18, 40),
+    # X2-VLM at test / CPU-demo size: 32-px images, the text-person demo's WordPiece vocabulary (cfack.fusion_from 2).
+    "xvlm_tiny": {**_xvlm(32, 64, 2, 2, 3, 32), "embed_dim": 32,
+                  "image": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
+                  "text": {"context_length": 32, "vocab_size": 160, "width": 64, "layers": 3, "heads": 2}},
     # Small enough for the test suite and the CPU demo; the text side follows the demo tokenizer.
     "tiny": {
         "embed_dim": 64,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -12,12 +13,11 @@ from jax.sharding import Mesh
 from jaxretrieval.sharding import batch_sharding, replicated_host_array
 
 
-def embed_all(encode: Callable[[jax.Array], jax.Array], inputs: np.ndarray, batch_size: int,
-              mesh: Mesh) -> np.ndarray:
+def embed_all(encode: Callable[[jax.Array], Any], inputs: np.ndarray, batch_size: int, mesh: Mesh) -> Any:
     """Runs `encode` over `inputs` in batches; the last batch is padded to the batch size, then trimmed.
 
     `inputs` is held in full by every process (each places its own shards), so this is correct on many
-    hosts, and the outputs come back gathered to every host.
+    hosts, and the outputs come back gathered to every host: an array, or the pytree of arrays `encode` returns.
     """
     devices = mesh.devices.size
     batch_size = max(devices, batch_size - batch_size % devices)
@@ -29,5 +29,6 @@ def embed_all(encode: Callable[[jax.Array], jax.Array], inputs: np.ndarray, batc
         if rows < batch_size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - rows, axis=0)])
         result = encode(replicated_host_array(chunk, sharding))
-        outputs.append(np.asarray(multihost_utils.process_allgather(result, tiled=True))[:rows])
-    return np.concatenate(outputs)
+        gathered = multihost_utils.process_allgather(result, tiled=True)
+        outputs.append(jax.tree.map(lambda r, n=rows: np.asarray(r)[:n], gathered))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import numpy as np
@@ -36,6 +36,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxretrieval.retrieval.index import default_mesh, positive
 from jaxretrieval.sharding import BATCH_AXES, replicated_host_array
+
+
+class CrossEncoder(NamedTuple):
+    """A model's two-stage scoring for the evaluator, each function jitted, taking the parameters first."""
+
+    image: Callable[[Any, jax.Array], tuple[jax.Array, Any]]  # pixels -> (normalised embeddings, per-image inputs)
+    text: Callable[[Any, jax.Array], tuple[jax.Array, Any]]  # tokens -> (normalised embeddings, per-text inputs)
+    pair_scores: Callable[[Any, Any, Any], jax.Array]  # (text inputs, image inputs), B rows each -> (B,) scores
+
+
+class RerankSpec(NamedTuple):
+    encoder: CrossEncoder
+    k: int
+    fill: Any = -100.0
+    combine: str = "replace"
+    batch_size: int = 256
+
 
 FirstStage = np.ndarray | jax.Array | tuple[np.ndarray | jax.Array, np.ndarray | jax.Array]
 Fill = Literal["row_min", "keep"] | float

@@ -18,6 +18,7 @@ SYSTEMS: dict[str, str] = {
     "beit3": "jaxretrieval.systems.beit3_lhp",
     "ctl": "jaxretrieval.systems.ctl",
     "cusa": "jaxretrieval.systems.cusa",
+    "cfack": "jaxretrieval.systems.cfack",
 }
 _REGISTERED: dict[str, System] = {}
 

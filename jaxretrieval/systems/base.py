@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from jax.sharding import Mesh
 
     from jaxretrieval.config import Config
+    from jaxretrieval.retrieval.rerank import CrossEncoder
     from jaxretrieval.tasks import Task
 
 # (params, batch, key) -> (loss, metrics to log, grads, new non-trainable state or None)
@@ -38,6 +39,7 @@ class System:
     Section: ClassVar[type | None] = None  # a dataclass of its own settings, the config key of its name
     # Keys the system took from the shared sections into its own: old dotted key -> new; old configs keep working.
     moved_keys: ClassVar[dict[str, str]] = {}
+    reranks: ClassVar[bool] = False  # has a cross-encoder (`cross_encoder`) for eval.rerank_k
 
     def check(self, config: Config) -> list[Check]:
         """(holds, message naming the keys) for every rule of this system's settings."""
@@ -83,6 +85,10 @@ class System:
         from jaxretrieval.tasks import image_text_evaluator
 
         return image_text_evaluator(config, tokenizer, source)
+
+    def cross_encoder(self, config: Config, graphdef: nnx.GraphDef, mesh: Mesh) -> CrossEncoder | None:
+        """The jitted functions the evaluator re-ranks with (eval.rerank_k); None: the system has none."""
+        return None
 
     def inference(self, config: Config, meta: dict) -> tuple[Any, Any]:
         """(preprocess, tokenizer) that `jaxretrieval.load` returns with the model."""
