@@ -166,14 +166,21 @@ def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer, st
                  ) -> grain.DataLoader | StackedInOrder:
     """Endless batches of this process's rows of the global batches of one shuffled stream (see
     jaxretrieval.data.order), from global batch `start_step` on; `fields` adds a system's per-record arrays."""
-    sampler = GlobalBatchSampler(shuffled_epochs(len(source), config.train.seed), config.train.batch_size,
-                                 jax.process_index(), jax.process_count(), config.train.seed, start_step)
     data = config.data
     view = HybridView(config.model.image.image_size, data.mean, data.std, scale=data.local_scale) \
         if data.hybrid_views else None
     encode = EncodePair(make_preprocess(config), tokenizer, flip=data.flip, skip_bad=data.skip_bad_records,
                         view=view, files=source.paths, fields=fields,
                         where=source.where)
+    return stream_loader(config, source, encode, start_step)
+
+
+def stream_loader(config: Config, source: Any, encode: grain.transforms.RandomMap | grain.transforms.Map,
+                  start_step: int = 0) -> grain.DataLoader | StackedInOrder:
+    """This process's rows of the global batches of one shuffled stream over `source` from global batch
+    `start_step` on, each record through `encode` (None: a skipped record, dropped)."""
+    sampler = GlobalBatchSampler(shuffled_epochs(len(source), config.train.seed), config.train.batch_size,
+                                 jax.process_index(), jax.process_count(), config.train.seed, start_step)
     return ordered_loader(source, sampler, [encode, DropSkipped()], config.data.workers)
 
 

@@ -33,12 +33,11 @@ from flax import nnx
 from jaxretrieval.config import Config
 from jaxretrieval.config_checks import no_layer_recipe
 from jaxretrieval.data.masking import WholeWordMasking, masked_positions
-from jaxretrieval.data.order import GlobalBatchSampler, shuffled_epochs
 from jaxretrieval.data.pedes import PEDES_KINDS
 from jaxretrieval.data.person_views import CnnView, StrongView, WeakView
-from jaxretrieval.data.pipeline import caption_source, data_root, make_tokenizer, ordered_loader
+from jaxretrieval.data.pipeline import caption_source, data_root, make_tokenizer, stream_loader
 from jaxretrieval.data.sources import CaptionRecord, DataError
-from jaxretrieval.data.transforms import DropSkipped, load_image
+from jaxretrieval.data.transforms import load_image
 from jaxretrieval.losses.contrastive import contrastive_loss
 from jaxretrieval.losses.matching import hard_negatives, itm_loss, matching_batch, mlm_loss
 from jaxretrieval.models.xvlm import XVLM, momentum_update
@@ -254,14 +253,10 @@ class CFACK(System):
                              CnnView(s.cnn_image_size) if s.cnn else None, tokenizer, masking,
                              caption_augmenter(config), source.where, data.skip_bad_records)
 
-        def loader(start: int) -> Any:
-            sampler = GlobalBatchSampler(shuffled_epochs(len(source), config.train.seed), config.train.batch_size,
-                                         jax.process_index(), jax.process_count(), config.train.seed, start)
-            return ordered_loader(source, sampler, [encode, DropSkipped()], data.workers)
-
         def describe(origin: np.ndarray) -> list[str]:
             return [f"{source.paths[file]} record {line}" for file, line in origin.tolist()]
 
+        loader = functools.partial(stream_loader, config, source, encode)
         return Task(config, loader, self.evaluator(config, tokenizer), {"tokenizer": tokenizer.to_spec()}, describe)
 
     def cross_encoder(self, config: Config, graphdef: nnx.GraphDef, mesh: Any) -> CrossEncoder:
