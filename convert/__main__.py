@@ -6,6 +6,7 @@
   python -m convert ctl SRC.ckpt OUT [--input-size H W]      (or a torchvision ResNet-50 .pth: a backbone)
   python -m convert bert SRC_FOLDER OUT                       (Hugging Face BERT: a text tower for train.init_from)
   python -m convert bert-export CKPT OUT                      (back to a Hugging Face folder)
+  python -m convert xvlm SRC.th OUT [--vocab PATH] [--image-size N] [--heads N]   (X2-VLM / CFACK: system cfack)
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from jaxretrieval.errors import add_verbose, command, parse_command_line, probe_
 
 # The packages each command needs before it reads anything (reading a .safetensors source also needs safetensors).
 NEEDS = {"clip": ("torch",), "beit3": ("torch",), "ctl": ("torch",), "clip-export": ("safetensors",),
-         "bert": ("torch",), "bert-export": ("safetensors",)}
+         "bert": ("torch",), "bert-export": ("safetensors",), "xvlm": ("torch",)}
 WHAT = {"clip": "converted checkpoint", "beit3": "converted checkpoint", "ctl": "converted checkpoint",
-        "clip-export": "exported model", "bert": "converted checkpoint", "bert-export": "exported model"}
+        "clip-export": "exported model", "bert": "converted checkpoint", "bert-export": "exported model",
+        "xvlm": "converted checkpoint"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,9 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     bert_export = families.add_parser("bert-export", help="a converted BERT checkpoint -> a Hugging Face folder")
     bert_export.add_argument("checkpoint", help="what `convert bert` wrote")
     bert_export.add_argument("out", help="new folder for the exported model (must not exist)")
+    xvlm = families.add_parser("xvlm", help="an X2-VLM or CFACK .th (BEiT-2 + fusion BERT, momentum copies if any) "
+                                            "-> a system cfack checkpoint")
+    xvlm.add_argument("src", help="the checkpoint: {'model': state_dict, 'config': ...} or a bare state dict")
+    xvlm.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    xvlm.add_argument("--vocab", help="the BERT vocab.txt (or tokenizer.json) it was trained with; embedded in the "
+                                      "checkpoint (load and evaluate need it)")
+    xvlm.add_argument("--image-size", type=int, help="resample the relative position tables to this input size")
+    xvlm.add_argument("--heads", type=int, help="the BERT's attention heads (default: its width / 64, as "
+                                                "bert-base and bert-large)")
     add_verbose(parser)
     # -v after the family name too, without resetting one given before it
-    for family in (clip, export, beit3, ctl, bert, bert_export):
+    for family in (clip, export, beit3, ctl, bert, bert_export, xvlm):
         family.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help="show the traceback of an error")
     return parser
@@ -88,6 +99,10 @@ def _run(args: argparse.Namespace) -> str:
         if args.command == "bert":
             return str(import_bert(args.src, args.out))
         return str(export_bert(args.checkpoint, args.out))
+    if args.command == "xvlm":
+        from convert.xvlm import import_xvlm
+
+        return str(import_xvlm(args.src, args.out, vocab=args.vocab, image_size=args.image_size, heads=args.heads))
     if args.command == "ctl":
         from convert.ctl import import_ctl
 

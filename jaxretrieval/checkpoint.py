@@ -214,6 +214,14 @@ def load_model(path: str | Path, params: Any, *, partial: bool = False,
     return replace_leaves(params, kept), restored["meta"]
 
 
+def saved_parts(path: str | Path) -> set[str]:
+    """The top-level parameter keys of the checkpoint at `path` (see `locate`), read from its metadata."""
+    folder, step = locate(path)
+    mngr = manager(folder, read_only=True)
+    saved = reading(str(Path(mngr.directory) / str(step)), lambda: mngr.item_metadata(step)["params"])
+    return {str(key) for key in getattr(saved, "tree", saved)}
+
+
 def _subtree(tree: Any, saved: Any, where: str, prefix: str = "") -> Any:
     """The part of `tree` whose keys `saved` (a checkpoint's nested metadata) holds."""
     if not isinstance(saved, Mapping):

@@ -16,10 +16,12 @@ from conftest import REPO, run_python
 from flax import nnx
 
 from jaxretrieval import evaluate, train
-from jaxretrieval.config import load_config
+from jaxretrieval.checkpoint import write_model
+from jaxretrieval.config import load_config, to_dict
 from jaxretrieval.data.pedes_demo import write_pedes_demo
 from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer
 from jaxretrieval.errors import ConfigError
+from jaxretrieval.models import abstract_model, init_params
 from jaxretrieval.retrieval.metrics import ranking_metrics
 from jaxretrieval.retrieval.rerank import RerankSpec
 from jaxretrieval.sharding import make_mesh
@@ -33,11 +35,12 @@ CONFIG = REPO / "configs" / "demo" / "cfack_tiny.yaml"
 
 @pytest.fixture(scope="module")
 def pedes_root(tmp_path_factory) -> Path:
-    return write_pedes_demo(tmp_path_factory.mktemp("pedes") / "data")
+    return write_pedes_demo(tmp_path_factory.mktemp("pedes") / "data", num_train_ids=8, num_val_ids=0, num_test_ids=4)
 
 
 def cfack_config(root: Path, **extra):
-    values = {"data.root": str(root), "train.steps": 8, "train.checkpoint_every": 4, "train.eval_every": 8,
+    values = {"data.root": str(root), "train.batch_size": 16, "train.steps": 8, "train.checkpoint_every": 4,
+              "train.eval_every": 8,
               "train.progress_bar": False, "train.log_every": 1, **extra}
     return load_config(CONFIG, [f"{key}={value}" for key, value in values.items()])
 
@@ -114,7 +117,9 @@ def test_train_step_on_8_devices_equals_one_device(pedes_root: Path) -> None:
     code = f"""
 import jax, numpy as np
 from jaxretrieval import train
-from jaxretrieval.config import load_config
+from jaxretrieval.checkpoint import write_model
+from jaxretrieval.config import load_config, to_dict
+from jaxretrieval.models import abstract_model, init_params
 from jaxretrieval.sharding import make_mesh
 from jaxretrieval.systems import get_system
 from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer
@@ -162,6 +167,22 @@ def test_resume_is_bit_identical_with_the_momentum_state(pedes_root: Path, tmp_p
     a, b = params(whole), params(resumed)
     assert set(a["momentum"]) == {"vision", "text", "vision_proj", "text_proj"}
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_init_from_a_checkpoint_without_momentum_starts_the_copies_at_its_weights(pedes_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    """X2-VLM's released checkpoints hold no momentum copies: CFACK's copy_params starts them at the online weights."""
+    config = cfack_config(pedes_root)
+    online = {k: v for k, v in init_params(config, seed=3, precision="fp32").items() if k != "momentum"}
+    write_model(tmp_path / "x2vlm", online, {"config": to_dict(config)})
+    _, abstract = abstract_model(config)
+    params = get_system("cfack").init_from(config, str(tmp_path / "x2vlm"), {}, abstract,
+                                           lambda: init_params(config, seed=4, precision="fp32"))
+    for part in ("vision", "vision_proj", "text_proj"):
+        jax.tree.map(np.testing.assert_array_equal, params["momentum"][part], online[part])
+    jax.tree.map(np.testing.assert_array_equal, params["momentum"]["text"],
+                 {k: online["text"][k] for k in params["momentum"]["text"]})
+    jax.tree.map(np.testing.assert_array_equal, params["itm_head"], online["itm_head"])
 
 
 # ---- evaluation with re-ranking --------------------------------------------------------------------------------------

@@ -179,8 +179,8 @@ def _read_params(root: Path) -> dict[str, Any] | None:
     return meta.get("params") if isinstance(meta, dict) else None
 
 
-def write_pedes_demo(root: str | os.PathLike[str], *, num_train_ids: int = 8, num_val_ids: int = 2,
-                     num_test_ids: int = 4, min_images: int = 2, max_images: int = 4, captions_per_image: int = 2,
+def write_pedes_demo(root: str | os.PathLike[str], *, num_train_ids: int = 256, num_val_ids: int = 4,
+                     num_test_ids: int = 16, min_images: int = 2, max_images: int = 4, captions_per_image: int = 2,
                      height: int = 48, width: int = 24, seed: int = 0) -> Path:
     """Writes the demo under `root` unless it is there with the same parameters; returns `root`.
 

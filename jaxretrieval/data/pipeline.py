@@ -54,12 +54,12 @@ def make_tokenizer(config: Config, root: Path, saved: dict | None = None) -> Tok
     """The tokenizer `data.tokenizer` names; `saved` is the spec stored with the init checkpoint."""
     name = config.data.tokenizer
     try:
-        if config.data.tokenizer_kind == "wordpiece":
-            tokenizer = WordPieceTokenizer.from_file(root / name, config.model.text.context_length)
-        elif name == "checkpoint":
+        if name == "checkpoint":
             if saved is None:
                 raise DataError("data.tokenizer=checkpoint needs train.init_from (a checkpoint with a tokenizer)")
             tokenizer = build_tokenizer(saved)
+        elif config.data.tokenizer_kind == "wordpiece":
+            tokenizer = WordPieceTokenizer.from_file(root / name, config.model.text.context_length)
         elif name.endswith(".gz"):
             tokenizer = ClipTokenizer.from_file(root / name, config.model.text.context_length)
         elif name.endswith((".spm", ".model")):

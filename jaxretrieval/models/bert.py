@@ -39,12 +39,12 @@ class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v projections and the post-LN output block (BertAttention)."""
 
     def __init__(self, width: int, heads: int, *, kv_width: int | None = None, rngs: nnx.Rngs, dtype: Any,
-                 attention: str = "xla"):
+                 attention: str = "xla", init_std: float = 0.02):
         self.heads = heads
-        self.query = dense(width, width, rngs=rngs, std=0.02, dtype=dtype)
-        self.key = dense(kv_width or width, width, rngs=rngs, std=0.02, dtype=dtype)
-        self.value = dense(kv_width or width, width, rngs=rngs, std=0.02, dtype=dtype)
-        self.output = dense(width, width, rngs=rngs, std=0.02, dtype=dtype)
+        self.query = dense(width, width, rngs=rngs, std=init_std, dtype=dtype)
+        self.key = dense(kv_width or width, width, rngs=rngs, std=init_std, dtype=dtype)
+        self.value = dense(kv_width or width, width, rngs=rngs, std=init_std, dtype=dtype)
+        self.output = dense(width, width, rngs=rngs, std=init_std, dtype=dtype)
         self.norm = _norm(width, rngs, dtype)
         self.implementation = attention_implementation(attention, dtype, width // heads)
 
@@ -65,12 +65,12 @@ class Layer(nnx.Module):
     """Self-attention, optionally cross-attention to image tokens, then the feed-forward block."""
 
     def __init__(self, width: int, heads: int, ffn_dim: int, *, cross: bool, encoder_width: int, rngs: nnx.Rngs,
-                 dtype: Any, attention: str = "xla"):
-        self.attention = Attention(width, heads, rngs=rngs, dtype=dtype, attention=attention)
+                 dtype: Any, attention: str = "xla", init_std: float = 0.02):
+        self.attention = Attention(width, heads, rngs=rngs, dtype=dtype, attention=attention, init_std=init_std)
         self.crossattention = (Attention(width, heads, kv_width=encoder_width, rngs=rngs, dtype=dtype,
-                                         attention=attention) if cross else None)
-        self.intermediate = dense(width, ffn_dim, rngs=rngs, std=0.02, dtype=dtype)
-        self.output = dense(ffn_dim, width, rngs=rngs, std=0.02, dtype=dtype)
+                                         attention=attention, init_std=init_std) if cross else None)
+        self.intermediate = dense(width, ffn_dim, rngs=rngs, std=init_std, dtype=dtype)
+        self.output = dense(ffn_dim, width, rngs=rngs, std=init_std, dtype=dtype)
         self.norm = _norm(width, rngs, dtype)
 
     def __call__(self, x: jax.Array, keep: jax.Array | None, image: jax.Array | None = None,
@@ -135,7 +135,11 @@ class Bert(nnx.Module):
                  ffn_dim: int = 3072, max_positions: int = 512, type_vocab_size: int = 2,
                  fusion_from: int | None = None, cross_every: int = 1, encoder_width: int | None = None,
                  causal: bool = False, pooler: bool = True, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32, remat: str = "none", unroll: int = 1, attention: str = "xla"):
+                 dtype: Any = jnp.float32, remat: str = "none", unroll: int = 1, attention: str = "xla",
+                 init_std: float = 0.02):
+        """init_std: the normal init's std of the linear layers' weights (HF's initializer_range, which also
+        initialises the embeddings; 0.02 is BERT-base's, made for width 768: a tiny model trained from scratch
+        learns its [CLS] far sooner from a larger one). The embeddings keep 0.02."""
         fusion_from = layers if fusion_from is None else fusion_from
         if not 0 <= fusion_from <= layers or (layers - fusion_from) % cross_every:
             raise ValueError(f"fusion layers {fusion_from}..{layers - 1} do not split into units of {cross_every}")
@@ -145,12 +149,12 @@ class Bert(nnx.Module):
 
         def layer(cross: bool, layer_rngs: nnx.Rngs) -> Layer:
             return Layer(width, heads, ffn_dim, cross=cross, encoder_width=encoder_width or width, rngs=layer_rngs,
-                         dtype=dtype, attention=attention)
+                         dtype=dtype, attention=attention, init_std=init_std)
 
         self.text = Stack(lambda r: layer(False, r), fusion_from, rngs, remat, unroll)
         self.fusion = Stack(lambda r: FusionUnit(lambda cross: layer(cross, r), cross_every),
                             (layers - fusion_from) // cross_every, rngs, remat, unroll)
-        self.pooler = dense(width, width, rngs=rngs, std=0.02, dtype=dtype) if pooler else None
+        self.pooler = dense(width, width, rngs=rngs, std=init_std, dtype=dtype) if pooler else None
 
     def encode_text(self, tokens: jax.Array, keep: jax.Array | None = None,
                     token_types: jax.Array | None = None) -> jax.Array:
@@ -190,8 +194,9 @@ def layer_path(i: int, *, layers: int, fusion_from: int, cross_every: int = 1) -
 class MLMHead(nnx.Module):
     """BertForMaskedLM's head: dense + GELU + LayerNorm, then the word embeddings (tied) and a bias."""
 
-    def __init__(self, width: int, vocab_size: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
-        self.transform = dense(width, width, rngs=rngs, std=0.02, dtype=dtype)
+    def __init__(self, width: int, vocab_size: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 init_std: float = 0.02):
+        self.transform = dense(width, width, rngs=rngs, std=init_std, dtype=dtype)
         self.norm = _norm(width, rngs, dtype)
         self.bias = nnx.Param(jnp.zeros((vocab_size,), jnp.float32))
 
@@ -204,11 +209,12 @@ class ITMHead(nnx.Module):
     """Match / no-match logits of a fused [CLS]: Linear -> 2, or with `hidden` (X2-VLM: 2 x width) Linear,
     LayerNorm (eps 1e-5), GELU, Linear -> 2."""
 
-    def __init__(self, width: int, hidden: int | None = None, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
-        self.hidden = None if hidden is None else dense(width, hidden, rngs=rngs, std=0.02, dtype=dtype)
+    def __init__(self, width: int, hidden: int | None = None, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 init_std: float = 0.02):
+        self.hidden = None if hidden is None else dense(width, hidden, rngs=rngs, std=init_std, dtype=dtype)
         self.norm = None if hidden is None else nnx.LayerNorm(hidden, epsilon=1e-5, dtype=dtype,
                                                               param_dtype=jnp.float32, rngs=rngs)
-        self.out = dense(hidden or width, 2, rngs=rngs, std=0.02, dtype=dtype)
+        self.out = dense(hidden or width, 2, rngs=rngs, std=init_std, dtype=dtype)
 
     def __call__(self, cls: jax.Array) -> jax.Array:
         if self.hidden is not None:

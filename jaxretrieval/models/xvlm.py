@@ -73,8 +73,10 @@ class XVLM(nnx.Module):
         self.text = Bert(**text, encoder_width=width, pooler=False, rngs=rngs, dtype=dtype)
         self.vision_proj = dense(width, embed_dim, rngs=rngs, std=0.02, dtype=dtype)
         self.text_proj = dense(text_width, embed_dim, rngs=rngs, std=0.02, dtype=dtype)
-        self.itm_head = ITMHead(text_width, itm_hidden, rngs=rngs, dtype=dtype)
-        self.mlm_head = MLMHead(text_width, text.get("vocab_size", 30522), rngs=rngs, dtype=dtype) if mlm else None
+        std = text.get("init_std", 0.02)
+        self.itm_head = ITMHead(text_width, itm_hidden, rngs=rngs, dtype=dtype, init_std=std)
+        self.mlm_head = (MLMHead(text_width, text.get("vocab_size", 30522), rngs=rngs, dtype=dtype, init_std=std)
+                         if mlm else None)
         self.temp = nnx.Param(jnp.asarray(temp, jnp.float32))
         if cnn_layers is not None:
             self.cnn = ResNet(layers=tuple(cnn_layers), width=cnn_width, last_stride=2, stem_relu=True, rngs=rngs,

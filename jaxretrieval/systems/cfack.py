@@ -57,6 +57,7 @@ class CFACKSettings:
     type_vocab_size: int = 2
     itm_hidden: int = 0  # the ITM head's hidden width; 0: 2 x the text width (X2-VLM's build_mlp)
     drop_path: float = 0.1  # the vision tower's stochastic depth (X2-VLM's drop_path_rate)
+    text_init_std: float = 0.02  # BERT's initializer_range, for weights not read from train.init_from
     temp: float = 0.07
     temp_range: Pair = (0.001, 0.5)
     momentum: float = 0.995  # 0: no momentum towers, ITC = C(v1, t1) (+ C(v1, cnn))
@@ -175,8 +176,9 @@ class CFACK(System):
             *no_layer_recipe(config),
             (0 <= s.fusion_from <= model.text.layers, "cfack.fusion_from must be within 0..model.text.layers"),
             (model.text.context_length <= s.max_positions, "model.text.context_length must be <= cfack.max_positions"),
-            (config.data.tokenizer_kind == "wordpiece", "system cfack reads captions with data.tokenizer_kind: "
-                                                        "wordpiece (BERT's vocab.txt)"),
+            (config.data.tokenizer_kind == "wordpiece" or config.data.tokenizer == "checkpoint",
+             "system cfack reads captions with BERT's WordPiece: data.tokenizer_kind: wordpiece (data.tokenizer a "
+             "vocab.txt), or data.tokenizer: checkpoint (the one `convert xvlm --vocab` stored)"),
             (0 < low <= s.temp <= high, "cfack.temp must lie in cfack.temp_range, whose low end is > 0"),
             (0 <= s.momentum < 1, "cfack.momentum must be in [0, 1) (0: no momentum towers)"),
             (s.cnn in ("", "resnet50"), "cfack.cnn must be empty (no CNN branch) or resnet50"),
@@ -193,7 +195,7 @@ class CFACK(System):
         bert = dict(vocab_size=text.vocab_size, width=text.width, layers=text.layers, heads=text.heads,
                     ffn_dim=int(text.mlp_ratio * text.width), max_positions=s.max_positions,
                     type_vocab_size=s.type_vocab_size, fusion_from=s.fusion_from, remat=text.remat,
-                    unroll=config.model.scan_unroll, attention=config.model.attention)
+                    unroll=config.model.scan_unroll, attention=config.model.attention, init_std=s.text_init_std)
         return XVLM(vision=vision, text=bert, embed_dim=config.model.embed_dim, temp=s.temp,
                     itm_hidden=s.itm_hidden or 2 * text.width, mlm=s.mlm, momentum=s.momentum > 0,
                     cnn_layers=(3, 4, 6, 3) if s.cnn == "resnet50" else None, rngs=rngs, dtype=dtype)
@@ -258,6 +260,17 @@ class CFACK(System):
 
         loader = functools.partial(stream_loader, config, source, encode)
         return Task(config, loader, self.evaluator(config, tokenizer), {"tokenizer": tokenizer.to_spec()}, describe)
+
+    def init_from(self, config: Config, path: str, meta: dict, abstract: Any, fresh: Callable[[], Any]) -> Any:
+        """A converted X-VLM / X2-VLM / CFACK checkpoint (or a trained one) over fresh parameters: what it lacks (a
+        CNN branch, an MLM head, the momentum copies) starts fresh; momentum copies it lacks are set to its online
+        weights, as the original's copy_params does."""
+        from jaxretrieval import checkpoint
+
+        params, _ = checkpoint.load_model(path, fresh(), partial=True)
+        if "momentum" in params and "momentum" not in checkpoint.saved_parts(path):
+            params = {**params, "momentum": momentum_update(params, 0.0)}
+        return params
 
     def cross_encoder(self, config: Config, graphdef: nnx.GraphDef, mesh: Any) -> CrossEncoder:
         return _cross_encoder(graphdef, mesh)
