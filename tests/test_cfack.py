@@ -92,7 +92,9 @@ def test_itc_matches_a_torch_reference_with_gradients(momentum: bool, cnn: bool)
 
 # ---- the train step --------------------------------------------------------------------------------------------------
 def test_one_step_updates_momentum_as_the_ema_of_the_online_weights(pedes_root: Path) -> None:
-    config = cfack_config(pedes_root, **{"train.warmup_steps": 0})
+    """With the CNN branch on (a narrow ResNet-50 on its own 64-px view): its term trains it."""
+    config = cfack_config(pedes_root, **{"train.warmup_steps": 0, "cfack.cnn": "resnet50", "cfack.cnn_width": 8,
+                                         "cfack.cnn_image_size": 64})
     task = train.make_task(config, {})
     mesh = make_mesh(config.mesh)
     graphdef, params, opt_state, step_fn = train.setup_training(task.config, mesh)
@@ -110,19 +112,18 @@ def test_one_step_updates_momentum_as_the_ema_of_the_online_weights(pedes_root: 
                             {k: before[part][k] for k in before["momentum"][part]})
         jax.tree.map(lambda got, w: np.testing.assert_allclose(np.asarray(got), w, rtol=1e-6, atol=1e-7),
                      params["momentum"][part], want)
-    assert not np.allclose(np.asarray(params["vision_proj"]["kernel"]), before["vision_proj"]["kernel"])
+    for trained in ("vision_proj", "cnn_proj"):
+        assert not np.allclose(np.asarray(params[trained]["kernel"]), before[trained]["kernel"]), trained
+    assert batch["image_cnn"].shape[1:] == (64, 64, 3)
 
 
 def test_train_step_on_8_devices_equals_one_device(pedes_root: Path) -> None:
+    """Drop path on: its draws, like the hard negatives', depend on the step's key, not on the device count."""
     code = f"""
 import jax, numpy as np
 from jaxretrieval import train
-from jaxretrieval.checkpoint import write_model
-from jaxretrieval.config import load_config, to_dict
-from jaxretrieval.models import abstract_model, init_params
+from jaxretrieval.config import load_config
 from jaxretrieval.sharding import make_mesh
-from jaxretrieval.systems import get_system
-from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer
 config = load_config({str(CONFIG)!r}, ["data.root={pedes_root}", "train.batch_size=16", "cfack.drop_path=0.1"])
 task = train.make_task(config, {{}})
 batch = next(iter(task.loader(0)))

@@ -70,6 +70,7 @@ class CFACKSettings:
     # The CNN branch: "" (none) or resnet50 (timm's, num_classes = embed_dim), on a 224-px view; its term's weight.
     cnn: str = ""
     cnn_image_size: int = 224
+    cnn_width: int = 64  # the ResNet's stem channels (64: ResNet-50; smaller for tests)
     cnn_weight: float = 0.5
     # Training views: random erasing probability of the strong view, and UniformAugment on it.
     erasing_p: float = 0.6
@@ -198,7 +199,8 @@ class CFACK(System):
                     unroll=config.model.scan_unroll, attention=config.model.attention, init_std=s.text_init_std)
         return XVLM(vision=vision, text=bert, embed_dim=config.model.embed_dim, temp=s.temp,
                     itm_hidden=s.itm_hidden or 2 * text.width, mlm=s.mlm, momentum=s.momentum > 0,
-                    cnn_layers=(3, 4, 6, 3) if s.cnn == "resnet50" else None, rngs=rngs, dtype=dtype)
+                    cnn_layers=(3, 4, 6, 3) if s.cnn == "resnet50" else None, cnn_width=s.cnn_width, rngs=rngs,
+                    dtype=dtype)
 
     def before_step(self, config: Config) -> Callable[[Any], Any]:
         low, high = config.section.temp_range
