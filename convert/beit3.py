@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from convert import ConvertError
-from convert.sources import load_pickle, load_tensors, to_numpy
+from convert.sources import load_tensors, load_wrapped_state
 from jaxretrieval.checkpoint import write_model
 from jaxretrieval.config import Config, load_config, to_dict
 from jaxretrieval.data.spm import SentencePieceTokenizer
@@ -21,7 +21,6 @@ from jaxretrieval.models.beit3 import params_from_torchscale
 from jaxretrieval.models.stacking import relayout
 
 PREFIX = "beit3."
-WRAPPERS = ("model", "module", "state_dict")  # unilm's --model_key "model|module", first match wins
 HEAD_KEYS = ("vision_head.weight", "language_head.weight", "logit_scale")
 EXTRA_POSITIONS = 3  # vision position rows ahead of the patch grid: 2 fairseq-offset rows and the class token
 HEAD_DIM = 64  # unilm's base (768 / 12) and large (1024 / 16) configs
@@ -44,13 +43,7 @@ def read_state(path: Path) -> dict[str, np.ndarray]:
     """The state dict of a unilm checkpoint as float32/int numpy arrays, unwrapped from model/module/state_dict."""
     if path.suffix == ".safetensors":
         return load_tensors(path)[0]
-    if not path.is_file():
-        raise ConvertError(f"{path} does not exist or is not a file")
-    loaded = load_pickle(path)
-    if not isinstance(loaded, dict):
-        raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    wrapper = next((key for key in WRAPPERS if isinstance(loaded.get(key), dict)), None)
-    return to_numpy(loaded[wrapper] if wrapper else loaded, path)
+    return load_wrapped_state(path)[0]
 
 
 def _shape(state: dict[str, np.ndarray], key: str, where: str) -> tuple[int, ...]:

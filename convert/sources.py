@@ -122,3 +122,18 @@ def save_safetensors(state: dict[str, np.ndarray], path: Path) -> None:
     # The metadata `save_pretrained` writes; transformers 4.x refuses safetensors files without it.
     save_file({key: np.array(value, order="C") for key, value in state.items()}, str(path),
               metadata={"format": "pt"})
+
+
+STATE_WRAPPERS = ("model", "module", "state_dict")  # unilm's / X-VLM's --model_key choices, first match wins
+
+
+def load_wrapped_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(state dict as numpy, the loaded dict) of a torch checkpoint holding a bare state dict or one under a key of
+    STATE_WRAPPERS (read with weights_only=True); a missing file or a non-dict is a ConvertError naming it."""
+    if not path.is_file():
+        raise ConvertError(f"{path} does not exist or is not a file")
+    loaded = load_pickle(path)
+    if not isinstance(loaded, dict):
+        raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    wrapper = next((key for key in STATE_WRAPPERS if isinstance(loaded.get(key), dict)), None)
+    return to_numpy(loaded[wrapper] if wrapper else loaded, path), loaded if wrapper else {}

@@ -25,7 +25,7 @@ import numpy as np
 
 from convert import ConvertError
 from convert.bert import BertSizes, flat_from_hf, name_pairs, sizes_from_hf
-from convert.sources import load_pickle, to_numpy
+from convert.sources import load_wrapped_state
 from jaxretrieval.checkpoint import write_model
 from jaxretrieval.config import Config, load_config, to_dict
 from jaxretrieval.data.wordpiece import WordPieceTokenizer
@@ -35,7 +35,6 @@ from jaxretrieval.models.beit2 import EXTRA_ROWS, flat_from_timm, resize_rel_pos
 from jaxretrieval.models.stacking import relayout
 from jaxretrieval.sharding import path_name
 
-WRAPPERS = ("model", "module", "state_dict")
 VISION, VISION_M, TEXT, TEXT_M = "vision_encoder.", "vision_encoder_m.", "text_encoder.", "text_encoder_m."
 MOMENTUM_PREFIXES = (VISION_M, TEXT_M, "vision_proj_m.", "text_proj_m.")
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
@@ -68,14 +67,9 @@ class XVLMSizes:
 
 def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(state dict as numpy, the training config saved beside it or {}), read with torch.load(weights_only=True)."""
-    if not path.is_file():
-        raise ConvertError(f"{path} does not exist or is not a file")
-    loaded = load_pickle(path)
-    if not isinstance(loaded, dict):
-        raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    wrapper = next((key for key in WRAPPERS if isinstance(loaded.get(key), dict)), None)
-    config = loaded.get("config") if wrapper else None
-    return to_numpy(loaded[wrapper] if wrapper else loaded, path), config if isinstance(config, dict) else {}
+    state, loaded = load_wrapped_state(path)
+    config = loaded.get("config")
+    return state, config if isinstance(config, dict) else {}
 
 
 def _listed(keys: list[str]) -> str:

@@ -22,12 +22,13 @@ SIZE, PATCH, WIDTH, LAYERS, HEADS = 64, 16, 32, 2, 4
 TOL = 1e-5
 
 
-def timm_model(*, size: int = SIZE, pool: str = "avg", abs_pos: bool = False, seed: int = 0):
+def timm_model(*, size: int = SIZE, pool: str = "avg", abs_pos: bool = False, seed: int = 0, patch: int = PATCH,
+               width: int = WIDTH, layers: int = LAYERS, heads: int = HEADS):
     """A tiny timm Beit with every parameter random: tables (std 1, so a wrong index shows), gammas, q/v biases,
     norms, cls token, positions."""
     torch.manual_seed(seed)
-    model = timm_beit.Beit(img_size=size, patch_size=PATCH, num_classes=0, global_pool=pool, embed_dim=WIDTH,
-                           depth=LAYERS, num_heads=HEADS, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True,
+    model = timm_beit.Beit(img_size=size, patch_size=patch, num_classes=0, global_pool=pool, embed_dim=width,
+                           depth=layers, num_heads=heads, use_abs_pos_emb=abs_pos, use_rel_pos_bias=True,
                            init_values=0.1).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

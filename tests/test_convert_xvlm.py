@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 timm_beit = pytest.importorskip("timm.models.beit")
 pytest.importorskip("transformers")
 
+from test_beit2 import timm_model  # noqa: E402
 from test_bert import TINY, hf_bert  # noqa: E402
 
 import jaxretrieval  # noqa: E402
@@ -37,19 +38,7 @@ TOL = 1e-4
 
 def beit(seed: int):
     """timm's BEiT in X2-VLM's arrangement (mean pooling: fc_norm, no final norm), every tensor random."""
-    torch.manual_seed(seed)
-    model = timm_beit.Beit(img_size=SIZE, patch_size=PATCH, num_classes=0, global_pool="avg", embed_dim=WIDTH,
-                           depth=DEPTH, num_heads=HEADS, use_abs_pos_emb=False, use_rel_pos_bias=True,
-                           init_values=0.1).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "relative_position" in name:
-                p.copy_(torch.randn_like(p))
-            elif p.ndim > 1 and name != "cls_token":
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-            else:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
-    return model
+    return timm_model(size=SIZE, patch=PATCH, width=WIDTH, layers=DEPTH, heads=HEADS, seed=seed)
 
 
 class Towers(torch.nn.Module):
