@@ -27,13 +27,14 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxretrieval import checkpoint, errors
+from jaxretrieval import checkpoint, errors, tensorboard
 from jaxretrieval.config import Config, load_config, save_config, to_dict
 from jaxretrieval.errors import OutputPathError, UserError, probe_folder
 from jaxretrieval.gradients import contrastive_grad_fn
 from jaxretrieval.models import abstract_model, init_params, layer_depth, parameter_roles, run_once
 from jaxretrieval.optim import learning_rate, make_optimizer
 from jaxretrieval.resume import Preempted, StopSignal, check_resume_config
+from jaxretrieval.retrieval.metrics import metrics_table
 from jaxretrieval.sharding import (
     batch_sharding,
     global_batch,
@@ -182,16 +183,20 @@ def resume(ckpts: checkpoint.RunCheckpoints, loader: Callable[[int], Any], param
 
 
 class MetricsLog:
-    """Appends one JSON object per line to DIR/metrics.jsonl (process 0 only)."""
+    """Appends one JSON object per line to DIR/metrics.jsonl (process 0 only), the source of truth, and the same
+    scalars to `events` (TensorBoard event files in DIR/tensorboard/) when given."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, events: tensorboard.EventLog | None = None):
         self.path = path
         self.enabled = enabled
+        self.events = events
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.events is not None:
+                self.events.write(record)
 
 
 def check_disk_space(workdir: Path, params: Any, opt_state: Any) -> None:
@@ -257,7 +262,10 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
             "data": {"start_step": state.data_start, "processes": jax.process_count()}}
 
     lr_at = learning_rate(cfg)
-    metrics_log = MetricsLog(workdir / "metrics.jsonl", is_main)
+    events = tensorboard.EventLog(workdir, resume_step=start, enabled=is_main and tensorboard.available())
+    if is_main and not events.enabled:
+        log.info("TensorBoard event files need the tensorboard package: pip install 'jaxretrieval[tensorboard]'")
+    metrics_log = MetricsLog(workdir / "metrics.jsonl", is_main, events)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (is_main and cfg.progress_bar), unit="step",
                dynamic_ncols=True)
 
@@ -313,7 +321,7 @@ def train(config: Config, workdir: str | Path, *, allow_config_change: bool = Fa
     pending: tuple[int, dict[str, jax.Array], np.ndarray | None] | None = None
     stopping = False  # agreed on by every process: read from a step's (replicated) metrics
     # The bar closes however the loop ends, so an error line starts on a line of its own.
-    with StopSignal() as stop_signal, bar:
+    with StopSignal() as stop_signal, bar, events:
         for step in range(start + 1, cfg.steps + 1):
             host_batch = next(data_iterator)
             origin = host_batch.pop("origin", None)  # stays on the host
@@ -361,8 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preempted: {e}", file=sys.stderr)
         return errors.EXIT_PREEMPTED
     if jax.process_index() == 0:
-        print(json.dumps(result, indent=2))
-        print(f"outputs in {Path(workdir).absolute()}: config.yaml, metrics.jsonl, eval/, checkpoints/ (newest step "
+        step = result.get("step", config.train.steps)
+        print(metrics_table(result, f"step {step} ({config.eval.split} split)"))
+        tensorboard_dir = " tensorboard/," if (Path(workdir) / tensorboard.FOLDER).is_dir() else ""
+        print(f"outputs in {Path(workdir).absolute()}: config.yaml, metrics.jsonl,{tensorboard_dir} eval/ (these "
+              f"metrics: eval/step_{step}.json), checkpoints/ (newest step "
               f"{checkpoint.step_folders(Path(workdir) / 'checkpoints')[-1]})", file=sys.stderr)
     return 0
 

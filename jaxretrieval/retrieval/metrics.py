@@ -11,6 +11,7 @@ Recall/CMC, mAP and mINP are reported in percent.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -96,6 +97,26 @@ def recall_table(metrics: dict) -> str:
     lines.append(f"rsum {metrics['rsum']:.1f}; gallery {metrics['num_images']} images, "
                  f"{metrics['num_texts']} captions (t2i R@1 by chance: {100 / metrics['num_images']:.2f}%)")
     return "\n".join(lines)
+
+
+def metrics_table(metrics: dict, title: str = "") -> str:
+    """Any evaluation's metrics as a text table (rich): the image-text recall table for that protocol, else one row
+    per metric family (R@K, mAP, mINP, each also after re-ranking) and the counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if {"i2t_R1", "t2i_R1", "rsum", "num_images", "num_texts"} <= set(metrics):
+        return (f"{title}\n" if title else "") + recall_table(metrics)
+    table = Table(title=title or None, show_edge=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text().rstrip()
 
 
 def coco_recall(similarity: np.ndarray, text_to_image: np.ndarray, folds: int = 5,
