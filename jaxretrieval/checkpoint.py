@@ -34,11 +34,19 @@ MODEL_ITEMS = ("params", "meta")  # what load_model and read_meta read
 
 
 def manager(directory: str | Path, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                           cleanup_tmp_directories=not read_only)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+    # A read-only manager announces itself with two absl warnings (read_only, save_interval_steps) every time: noise,
+    # for `jaxretrieval.load` users too, who never configured logging.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(max(level, logging.ERROR) if read_only else level)
+    try:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                               cleanup_tmp_directories=not read_only)
+        return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+    finally:
+        absl.setLevel(level)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, params: Any, opt_state: Any, data_iterator: Any,

@@ -223,3 +223,16 @@ def test_images_that_fail_to_decode_are_left_out_and_listed(setup, demo_root, tm
     np.testing.assert_allclose(embeddings.astype(np.float32), np.delete(setup["image"], 3, axis=0), atol=2e-3)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["images"]["skipped"] == [3] and manifest["images"]["count"] == rows - 1
+
+
+def test_loading_a_checkpoint_from_python_logs_no_library_warnings(setup):
+    """`jaxretrieval.load` in a script that configured no logging: orbax's read-only manager warnings stay quiet."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = f"import jaxretrieval; jaxretrieval.load({str(setup['ckpt'])!r}); print('loaded')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "loaded", result.stderr[-2000:]
+    assert "WARNING:absl" not in result.stderr and "read_only" not in result.stderr, result.stderr[-2000:]
