@@ -18,6 +18,7 @@ from jaxretrieval.config import load_config, to_dict
 from jaxretrieval.data.pipeline import caption_source, eval_inputs, make_tokenizer
 from jaxretrieval.evaluate import embed_inputs, restore_params, saved_config
 from jaxretrieval.models import create_model, init_params
+from jaxretrieval.retrieval.index import GalleryIndex
 from jaxretrieval.retrieval.similarity import topk_similarity
 from jaxretrieval.sharding import make_mesh
 
@@ -153,6 +154,8 @@ def test_a_gallery_index_reads_the_export(setup):
     same_ranking(found, want, scores, setup["text"], setup["image"], 5e-3)
     texts = export.index_from_export(out, "text", ids="caption")
     assert texts.ids.tolist() == [r.caption for r in setup["source"].records]
+    loaded = GalleryIndex.load(out)  # the export folder as it is
+    np.testing.assert_array_equal(loaded.search(setup["text"], 5)[1], found)
 
 
 def test_bad_requests_fail_before_the_model_loads_and_write_nothing(setup, tmp_path, monkeypatch, capsys):

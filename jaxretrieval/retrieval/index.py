@@ -325,8 +325,13 @@ class GalleryIndex:
 
     @classmethod
     def load(cls, folder: str | Path, *, mesh: Mesh | None = None, **options: Any) -> GalleryIndex:
-        """An index `save` wrote, placed on `mesh`; options as for the constructor (gallery_chunk, query_chunk)."""
+        """An index `save` wrote, or the image embeddings of a `python -m jaxretrieval.embed` export (clip-retrieval's
+        layout), placed on `mesh`; options as for the constructor (gallery_chunk, query_chunk)."""
         folder = Path(folder)
+        if (folder / "img_emb").is_dir() and not (folder / "index.json").exists():
+            from jaxretrieval.export import index_from_export
+
+            return index_from_export(folder, "image", mesh=mesh, **options)
         meta_path = folder / "index.json"
         try:
             meta = json.loads(meta_path.read_text())
