@@ -107,7 +107,8 @@ class DataConfig:
     # {"image_path", "caption", "image_id"}, captions cleaned to max_words words; demo: generated captions. Re-id:
     # market1501, dukemtmc (folders), street2shop (COCO JSON, train_file), reid_demo (generated). Text-person:
     # cuhk-pedes, icfg-pedes, rstpreid (root: the folder of reid_raw.json / ICFG-PEDES.json / data_captions.json and
-    # imgs/; captions cut to max_words words), pedes_demo (generated, in CUHK-PEDES's layout).
+    # imgs/; captions cut to max_words words), pedes_demo (generated, in CUHK-PEDES's layout). csv (open_clip's CSV/TSV)
+    # and karpathy (dataset_coco.json / dataset_flickr30k.json), see below.
     kind: str = "jsonl"
     root: str = ""  # annotation paths and image paths are relative to this folder
     train_file: str = "train.jsonl"  # or a glob pattern (PAB: annotation/train/pair_*.json), files read sorted
@@ -119,6 +120,19 @@ class DataConfig:
     # WordPiece from a vocab.txt, a tokenizer.json or a folder holding one (bert-base-uncased's lower-casing).
     tokenizer_kind: str = "auto"
     max_words: int = 64  # albef: captions cut to this many words after cleaning
+    # csv: open_clip's CSV / TSV (header row; --csv-img-key, --csv-caption-key, --csv-separator); a caption's group is
+    # its image path unless csv_group_key names a column.
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_group_key: str = ""
+    csv_separator: str = "\t"
+    # karpathy: Karpathy's dataset_coco.json / dataset_flickr30k.json as train_file and test_file; train takes restval
+    # too (COCO's 113,287 images); the evaluation split is karpathy_eval_split (test: COCO 5K, Flickr30K 1K); captions
+    # raw or tokens (joined); images under data.root / karpathy_image_dir / filepath / filename.
+    karpathy_restval: bool = True
+    karpathy_eval_split: str = "test"
+    karpathy_captions: str = "raw"
+    karpathy_image_dir: str = ""
     workers: int = 0  # grain worker processes; 0 decodes in the training process
     skip_bad_records: bool = False  # False: a bad image or line is an error; True: skipped and counted
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)

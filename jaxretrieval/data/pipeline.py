@@ -22,7 +22,9 @@ from PIL import Image
 from jaxretrieval.config import Config
 from jaxretrieval.data.albef import AlbefCaptionSource
 from jaxretrieval.data.clip_bpe import ClipTokenizer
+from jaxretrieval.data.csv_source import CsvCaptionSource
 from jaxretrieval.data.demo import generate_demo
+from jaxretrieval.data.karpathy import KarpathyCaptionSource
 from jaxretrieval.data.order import GlobalBatchSampler, shuffled_epochs
 from jaxretrieval.data.pedes import PEDES_KINDS, PedesCaptionSource
 from jaxretrieval.data.pedes_demo import write_pedes_demo
@@ -103,6 +105,16 @@ def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
     if name is None:
         raise DataError(f"unknown split '{split}' (train or test)")
     files = annotation_files(root, name)
+    data = config.data
+    if data.kind == "csv":
+        return CsvCaptionSource(files, root, img_key=data.csv_img_key, caption_key=data.csv_caption_key,
+                                group_key=data.csv_group_key or None, separator=data.csv_separator,
+                                skip_bad=data.skip_bad_records)
+    if data.kind == "karpathy":
+        return KarpathyCaptionSource(files, root / data.karpathy_image_dir,
+                                     split="train" if split == "train" else data.karpathy_eval_split,
+                                     restval=data.karpathy_restval, captions=data.karpathy_captions,
+                                     skip_bad=data.skip_bad_records)
     if config.data.kind == "albef":
         return AlbefCaptionSource(files, root, skip_bad=config.data.skip_bad_records, max_words=config.data.max_words,
                                   sort_by_image_id=split != "train")
