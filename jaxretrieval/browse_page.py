@@ -25,6 +25,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from jaxretrieval.data.webdataset import image_file
 from jaxretrieval.errors import DataError, OutputPathError
 
 # Border colours of a result: the browser test compares each thumbnail's computed border against these.
@@ -298,7 +299,7 @@ class Thumbnails:
         """url -> JPEG bytes; an image that cannot be read is a DataError naming it."""
         def one(path: str) -> bytes:
             try:
-                with Image.open(path) as image:
+                with Image.open(image_file(path)) as image:
                     image = ImageOps.exif_transpose(image).convert("RGB")
                     image.thumbnail((size, size))
             except OSError as e:

@@ -108,7 +108,8 @@ class DataConfig:
     # market1501, dukemtmc (folders), street2shop (COCO JSON, train_file), reid_demo (generated). Text-person:
     # cuhk-pedes, icfg-pedes, rstpreid (root: the folder of reid_raw.json / ICFG-PEDES.json / data_captions.json and
     # imgs/; captions cut to max_words words), pedes_demo (generated, in CUHK-PEDES's layout). csv (open_clip's CSV/TSV)
-    # and karpathy (dataset_coco.json / dataset_flickr30k.json), see below.
+    # and karpathy (dataset_coco.json / dataset_flickr30k.json), see below; webdataset: img2dataset's tar shards,
+    # train_file / test_file a shard pattern under root (shards/{00000..00099}.tar, :: lists, globs).
     kind: str = "jsonl"
     root: str = ""  # annotation paths and image paths are relative to this folder
     train_file: str = "train.jsonl"  # or a glob pattern (PAB: annotation/train/pair_*.json), files read sorted

@@ -32,6 +32,7 @@ from jaxretrieval.data.sources import CaptionRecord, CaptionSource, DataError
 from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.data.tokenizers import Tokenizer, WordTokenizer, build_tokenizer
 from jaxretrieval.data.transforms import DropSkipped, EncodePair, HybridView, Preprocess
+from jaxretrieval.data.webdataset import WebDatasetSource
 from jaxretrieval.data.wordpiece import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
     name = {"train": config.data.train_file, "test": config.data.test_file}.get(split)
     if name is None:
         raise DataError(f"unknown split '{split}' (train or test)")
+    if config.data.kind == "webdataset":  # name: a shard pattern (braces, ::, globs) under root
+        return WebDatasetSource(name, root, skip_bad=config.data.skip_bad_records)
     files = annotation_files(root, name)
     data = config.data
     if data.kind == "csv":

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from jaxretrieval.data.sources import CaptionRecord, DataError
+from jaxretrieval.data.webdataset import image_file
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFEr
 def load_image(path: str) -> Image.Image:
     """Opens an image as RGB; a missing or undecodable file is a DataError naming it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(image_file(path)) as image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image file {path} does not exist") from None
