@@ -318,11 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     out = probe_output_folder(args.out, "--out")
     if args.checkpoint:
-        from jaxretrieval.config import load_config
-        from jaxretrieval.evaluate import saved_config
+        from jaxretrieval.evaluate import command_config
 
-        config = load_config(args.config, args.overrides) if args.config else saved_config(args.checkpoint,
-                                                                                              args.overrides)
+        config = command_config(args.config, args.checkpoint, args.overrides)
         rankings, metrics, details = model_rankings(config, args.checkpoint, args.split)
     else:
         rankings, metrics, details = scores_rankings(args)

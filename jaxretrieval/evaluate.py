@@ -185,6 +185,16 @@ def saved_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) 
                        notices=False)
 
 
+def command_config(config_file: str | None, checkpoint_path: str | Path, overrides: list[str]) -> Config:
+    """The config of a command reading a checkpoint: --config's file, else the one saved with the checkpoint, with the
+    overrides; jax.distributed is started first (from the file's or the overrides' distributed keys), before anything
+    touches jax."""
+    config = load_config(config_file, overrides) if config_file else None
+    early = config or load_config(None, [o for o in overrides if o.startswith("distributed.")])
+    initialize_distributed(early.distributed)
+    return config or saved_config(checkpoint_path, overrides)
+
+
 def evaluate_checkpoint(config: Config, checkpoint_path: str | Path, source: CaptionSource | None = None) -> dict:
     """The checkpoint's metrics by its system's evaluation of eval.protocol: e.g. image-text recall on the images and
     captions of `source` (default: eval.split), or for re-id the query split against the gallery."""
@@ -233,11 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value (before or after the options)")
     args = parse_command_line(parser, argv)
     output = probe_output(args.output)
-    config = load_config(args.config, args.overrides) if args.config else None
-    # Before reading the checkpoint's config: jax.distributed must start before anything touches jax.
-    early = config or load_config(None, [o for o in args.overrides if o.startswith("distributed.")])
-    initialize_distributed(early.distributed)
-    config = config or saved_config(args.checkpoint, args.overrides)
+    config = command_config(args.config, args.checkpoint, args.overrides)
     metrics = run(config, args.checkpoint)
     print(json.dumps(metrics, indent=2), flush=True)
     write_metrics(metrics, output)

@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxretrieval import checkpoint
-from jaxretrieval.config import Config, load_config
+from jaxretrieval.config import Config
 from jaxretrieval.data import reid_pipeline
 from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer
 from jaxretrieval.data.tokenizers import Tokenizer, build_tokenizer
@@ -53,10 +53,10 @@ from jaxretrieval.errors import (
     probe_output_folder,
     require,
 )
-from jaxretrieval.evaluate import encoders, restore_params, saved_config
+from jaxretrieval.evaluate import command_config, encoders, restore_params
 from jaxretrieval.retrieval.embed import embed_all
 from jaxretrieval.retrieval.index import GalleryIndex
-from jaxretrieval.sharding import initialize_distributed, make_mesh
+from jaxretrieval.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -300,11 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value (before or after the options)")
     args = parse_command_line(parser, argv)
     out = check_out(args.out)
-    config = load_config(args.config, args.overrides) if args.config else None
-    # Before reading the checkpoint's config: jax.distributed must start before anything touches jax.
-    early = config or load_config(None, [o for o in args.overrides if o.startswith("distributed.")])
-    initialize_distributed(early.distributed)
-    config = config or saved_config(args.checkpoint, args.overrides)
+    config = command_config(args.config, args.checkpoint, args.overrides)
     manifest = export(config, args.checkpoint, args.split, out, dtype=args.dtype, part_size=args.part_size,
                       config_file=args.config)
     counts = ", ".join(f"{manifest[key]['count']} {key}" for key in ("images", "texts") if manifest[key])

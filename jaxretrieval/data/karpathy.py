@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxretrieval.data.sources import CaptionRecord, CaptionSource, json_value
+from jaxretrieval.data.sources import CaptionRecord, CaptionSource, json_field, json_value
 from jaxretrieval.errors import ConfigError, DataError
 
 CAPTION_FIELDS = ("raw", "tokens")
@@ -41,34 +41,25 @@ def read_karpathy(path: Path) -> list:
     return data["images"]
 
 
-def _value(item: dict, key: str, types: tuple[type, ...], where: str) -> object:
-    if key not in item:
-        raise DataError(f"{where}: missing key '{key}'")
-    value = item[key]
-    if not isinstance(value, types) or isinstance(value, bool):
-        raise DataError(f"{where}: key '{key}' has the wrong type ({type(value).__name__})")
-    return value
-
-
 def image_split(item: object, where: str) -> str:
     """The `split` of one entry of `images`."""
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    return _value(item, "split", (str,), where)
+    return json_field(item, "split", (str,), where)
 
 
 def image_path(item: dict, where: str) -> str:
     """filepath/filename (or filename alone, as in Flickr30k) of one entry of `images`."""
-    filename = _value(item, "filename", (str,), where)
+    filename = json_field(item, "filename", (str,), where)
     if not filename.strip():
         raise DataError(f"{where}: key 'filename' is blank")
-    folder = _value(item, "filepath", (str,), where) if "filepath" in item else ""
+    folder = json_field(item, "filepath", (str,), where) if "filepath" in item else ""
     return f"{folder}/{filename}" if folder else filename
 
 
 def sentences(item: dict, field: str, where: str) -> list[str]:
     """The captions of one entry of `images`: each sentence's `raw`, or its `tokens` joined by spaces."""
-    found = _value(item, "sentences", (list,), where)
+    found = json_field(item, "sentences", (list,), where)
     if not found:
         raise DataError(f"{where}: key 'sentences' is an empty list")
     captions = []
@@ -77,9 +68,9 @@ def sentences(item: dict, field: str, where: str) -> list[str]:
         if not isinstance(sentence, dict):
             raise DataError(f"{at}: expected a JSON object, got {type(sentence).__name__}")
         if field == "raw":
-            captions.append(_value(sentence, "raw", (str,), at))
+            captions.append(json_field(sentence, "raw", (str,), at))
             continue
-        tokens = _value(sentence, "tokens", (list,), at)
+        tokens = json_field(sentence, "tokens", (list,), at)
         for position, token in enumerate(tokens):
             if not isinstance(token, str):
                 raise DataError(f"{at}: key 'tokens' item {position} has the wrong type ({type(token).__name__})")
@@ -116,11 +107,11 @@ class KarpathyCaptionSource(CaptionSource):
                 if split not in self.splits:
                     continue
                 selected += 1
-                relative, imgid = image_path(item, where), _value(item, "imgid", (int,), where)
+                relative, imgid = image_path(item, where), json_field(item, "imgid", (int,), where)
                 if imgid in seen:
                     raise DataError(f"{where}: key 'imgid' {imgid} repeats images[{seen[imgid]}]")
                 seen[imgid] = index
-                image_id = _value(item, "cocoid", (int,), where) if "cocoid" in item else imgid
+                image_id = json_field(item, "cocoid", (int,), where) if "cocoid" in item else imgid
                 captions = sentences(item, self.caption_field, where)
             except DataError as e:
                 self._bad("malformed_lines", e)

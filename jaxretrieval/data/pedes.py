@@ -25,12 +25,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from jaxretrieval.data.albef import pre_caption, read_json_array
-from jaxretrieval.data.sources import CaptionRecord, CaptionSource
+from jaxretrieval.data.sources import CaptionRecord, CaptionSource, json_field
 from jaxretrieval.errors import ConfigError, DataError
 
 MAX_WORDS = 40  # CFACK's max_tokens, which its create_dataset passes to pre_caption as max_words
@@ -152,15 +152,6 @@ def _load_array(path: Path, spec: PedesFormat) -> list:
     return read_json_array(path, f"{spec.name} records")
 
 
-def _value(item: dict, key: str, types: tuple[type, ...], where: str) -> Any:
-    if key not in item:
-        raise DataError(f"{where}: missing key '{key}'")
-    value = item[key]
-    if not isinstance(value, types) or isinstance(value, bool):
-        raise DataError(f"{where}: key '{key}' has the wrong type ({type(value).__name__})")
-    return value
-
-
 def _image_path(value: str, key: str, where: str) -> str:
     """A path relative to the image root that stays inside it (checked on the text, not by resolving links)."""
     if not value.strip():
@@ -175,14 +166,14 @@ def _image_path(value: str, key: str, where: str) -> str:
 def _check_record(item: object, spec: PedesFormat, where: str, number: int) -> PedesRecord:
     if not isinstance(item, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    split = _value(item, "split", (str,), where)
+    split = json_field(item, "split", (str,), where)
     if split not in spec.splits:
         raise DataError(f"{where}: key 'split' is '{split}'; {spec.name} splits are {', '.join(spec.splits)}")
-    image = _image_path(_value(item, spec.image_key, (str,), where), spec.image_key, where)
-    person_id = _value(item, "id", (int,), where)
+    image = _image_path(json_field(item, spec.image_key, (str,), where), spec.image_key, where)
+    person_id = json_field(item, "id", (int,), where)
     if person_id < 0:
         raise DataError(f"{where}: key 'id' is negative ({person_id})")
-    captions = _value(item, "captions", (list,), where)
+    captions = json_field(item, "captions", (list,), where)
     if not captions:
         raise DataError(f"{where}: key 'captions' is an empty list")
     for index, caption in enumerate(captions):

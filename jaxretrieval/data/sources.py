@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from jaxretrieval.errors import DataError
 
@@ -79,6 +80,16 @@ def json_value(text: str, where: str, *, position: bool = False) -> object:
         raise DataError(f"{where}: not valid JSON ({e})") from None
     except RecursionError:
         raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+
+
+def json_field(item: dict, key: str, types: tuple[type, ...], where: str) -> Any:
+    """item[key], which must be present and of `types` (bool is not an int here); errors name `where` and the key."""
+    if key not in item:
+        raise DataError(f"{where}: missing key '{key}'")
+    value = item[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise DataError(f"{where}: key '{key}' has the wrong type ({type(value).__name__})")
+    return value
 
 
 def parse_json_object(text: str, where: str, required: dict[str, tuple[type, ...]]) -> dict:
