@@ -59,8 +59,8 @@ def test_local_launcher_trains_two_processes_as_one_process_with_two_devices(dem
 
     lines = out.splitlines()
     assert all(line[:4] in ("[0] ", "[1] ") for line in lines), lines[:5]
-    assert any(line.startswith("[0] ") and '"i2t_R1"' in line for line in lines)  # process 0 reports
-    assert not any(line.startswith("[1] ") and '"i2t_R1"' in line for line in lines)
+    assert any(line.startswith("[0] ") and "text -> image" in line for line in lines)  # process 0 reports
+    assert not any(line.startswith("[1] ") and "text -> image" in line for line in lines)
 
     records = logged(launched)
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # every step once: one writer
