@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxretrieval.data.sources import CaptionRecord, CaptionSource, json_value
+from jaxretrieval.data.sources import CaptionRecord, CaptionSource, json_value, read_text
 from jaxretrieval.errors import ConfigError, DataError
 
 _PUNCTUATION = re.compile(r"[,.'!?\"()*#:;~]")
@@ -45,15 +45,7 @@ def pre_caption(caption: str, max_words: int = 64, where: str = "caption") -> st
 def read_json_array(path: Path, what: str = '{"image_path", "caption", "image_id"} objects') -> list:
     """The items of a UTF-8 JSON file holding one array (a byte-order mark allowed) of `what`; anything else is a
     DataError naming the file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text (byte {e.start + 1})") from None
-    items = json_value(text, str(path), position=True)
+    items = json_value(read_text(path), str(path), position=True)
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON array of {what}, got a {type(items).__name__}")
     return items

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from jaxretrieval.data.albef import pre_caption
-from jaxretrieval.data.sources import json_value
+from jaxretrieval.data.sources import json_value, read_text
 from jaxretrieval.errors import DataError, MissingPackageError
 
 STOP_WORDS = frozenset("""
@@ -238,12 +238,7 @@ class TableSynonyms:
         `word<TAB>synonym<TAB>synonym...` line per word (blank lines and lines starting with '#' skipped). Errors name
         the file and the line (TSV, or malformed JSON) or the word (JSON)."""
         path = Path(path)
-        try:
-            text = path.read_bytes().decode("utf-8-sig")
-        except OSError as e:
-            raise DataError(f"cannot read synonym table {path} ({e.strerror or e})") from None
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not valid UTF-8 text (byte {e.start + 1})") from None
+        text = read_text(path, "synonym table")
         suffix = path.suffix.lower()
         if suffix == ".json":
             table = json_value(text, str(path), position=True)

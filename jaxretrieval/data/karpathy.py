@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxretrieval.data.sources import CaptionRecord, CaptionSource, json_field, json_value
+from jaxretrieval.data.sources import CaptionRecord, CaptionSource, json_field, json_value, read_text
 from jaxretrieval.errors import ConfigError, DataError
 
 CAPTION_FIELDS = ("raw", "tokens")
@@ -28,13 +28,7 @@ CAPTION_FIELDS = ("raw", "tokens")
 
 def read_karpathy(path: Path) -> list:
     """The `images` list of a UTF-8 Karpathy split file (a byte-order mark allowed); anything else is a DataError."""
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text (byte {e.start + 1})") from None
-    data = json_value(text, str(path), position=True)
+    data = json_value(read_text(path), str(path), position=True)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         got = "an object without an 'images' list" if isinstance(data, dict) else f"a {type(data).__name__}"
         raise DataError(f"{path}: expected Karpathy's JSON object holding an 'images' list, got {got}")

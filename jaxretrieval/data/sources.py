@@ -82,6 +82,19 @@ def json_value(text: str, where: str, *, position: bool = False) -> object:
         raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
 
 
+def read_text(path: Path, what: str = "") -> str:
+    """The text of a UTF-8 file (a byte-order mark allowed); an unreadable file or bad bytes are a DataError naming the
+    file (`what` says what it is: "cannot read synonym table PATH")."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {what + ' ' if what else ''}{path} ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 text (byte {e.start + 1})") from None
+
+
 def json_field(item: dict, key: str, types: tuple[type, ...], where: str) -> Any:
     """item[key], which must be present and of `types` (bool is not an int here); errors name `where` and the key."""
     if key not in item:
