@@ -25,7 +25,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from jaxretrieval.data.webdataset import image_file
+from jaxretrieval.data.sources import image_file
 from jaxretrieval.errors import DataError, OutputPathError
 
 # Border colours of a result: the browser test compares each thumbnail's computed border against these.

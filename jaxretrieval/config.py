@@ -109,7 +109,8 @@ class DataConfig:
     # cuhk-pedes, icfg-pedes, rstpreid (root: the folder of reid_raw.json / ICFG-PEDES.json / data_captions.json and
     # imgs/; captions cut to max_words words), pedes_demo (generated, in CUHK-PEDES's layout). csv (open_clip's CSV/TSV)
     # and karpathy (dataset_coco.json / dataset_flickr30k.json), see below; webdataset: img2dataset's tar shards,
-    # train_file / test_file a shard pattern under root (shards/{00000..00099}.tar, :: lists, globs).
+    # train_file / test_file a shard pattern under root (shards/{00000..00099}.tar, :: lists, globs); tfds: a prepared
+    # TFDS dataset (see tfds_* below).
     kind: str = "jsonl"
     root: str = ""  # annotation paths and image paths are relative to this folder
     train_file: str = "train.jsonl"  # or a glob pattern (PAB: annotation/train/pair_*.json), files read sorted
@@ -134,6 +135,16 @@ class DataConfig:
     karpathy_eval_split: str = "test"
     karpathy_captions: str = "raw"
     karpathy_image_dir: str = ""
+    # tfds: a prepared TFDS dataset in ArrayRecord files under root (the TFDS data_dir): tfds_name (`coco_captions`,
+    # `name:1.0.0`; empty: root is the version folder holding dataset_info.json), the two splits (slices allowed:
+    # `train[:90%]`), and the features to read: the encoded image, the caption (a Text or a sequence of them; `a/b`
+    # names a nested feature) and the group id (empty: every example is its own group).
+    tfds_name: str = ""
+    tfds_train_split: str = "train"
+    tfds_test_split: str = "test"
+    tfds_image_key: str = "image"
+    tfds_caption_key: str = "caption"
+    tfds_id_key: str = ""
     workers: int = 0  # grain worker processes; 0 decodes in the training process
     skip_bad_records: bool = False  # False: a bad image or line is an error; True: skipped and counted
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)

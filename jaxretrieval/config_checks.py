@@ -9,8 +9,8 @@ from jaxretrieval.models.layers import ATTENTION_SETTINGS
 from jaxretrieval.systems import SYSTEMS, get_system
 from jaxretrieval.systems.base import System
 
-CAPTION_KINDS = ("jsonl", "demo", "albef", "csv", "karpathy", "webdataset", "cuhk-pedes", "icfg-pedes", "rstpreid",
-                 "pedes_demo")
+CAPTION_KINDS = ("jsonl", "demo", "albef", "csv", "karpathy", "webdataset", "tfds", "cuhk-pedes", "icfg-pedes",
+                 "rstpreid", "pedes_demo")
 REID_KINDS = ("market1501", "dukemtmc", "street2shop", "reid_demo")
 RULE_SET_NAMES = ("replicated", "fsdp", "fsdp_tensor")
 

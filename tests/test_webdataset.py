@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from jaxretrieval.data import webdataset as wds
-from jaxretrieval.data.sources import DataError
-from jaxretrieval.data.webdataset import WebDatasetSource, brace_expand, expand_shards, image_file, read_ref
+from jaxretrieval.data.sources import DataError, image_file
+from jaxretrieval.data.webdataset import WebDatasetSource, brace_expand, expand_shards, read_ref
 
 
 def image_bytes(seed: int, fmt: str = "PNG") -> bytes:

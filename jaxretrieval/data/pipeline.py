@@ -30,6 +30,7 @@ from jaxretrieval.data.pedes import PEDES_KINDS, PedesCaptionSource
 from jaxretrieval.data.pedes_demo import write_pedes_demo
 from jaxretrieval.data.sources import CaptionRecord, CaptionSource, DataError
 from jaxretrieval.data.spm import SentencePieceTokenizer
+from jaxretrieval.data.tfds_source import TfdsCaptionSource
 from jaxretrieval.data.tokenizers import Tokenizer, WordTokenizer, build_tokenizer
 from jaxretrieval.data.transforms import DropSkipped, EncodePair, HybridView, Preprocess
 from jaxretrieval.data.webdataset import WebDatasetSource
@@ -105,10 +106,15 @@ def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
     name = {"train": config.data.train_file, "test": config.data.test_file}.get(split)
     if name is None:
         raise DataError(f"unknown split '{split}' (train or test)")
-    if config.data.kind == "webdataset":  # name: a shard pattern (braces, ::, globs) under root
-        return WebDatasetSource(name, root, skip_bad=config.data.skip_bad_records)
-    files = annotation_files(root, name)
     data = config.data
+    if data.kind == "webdataset":  # name: a shard pattern (braces, ::, globs) under root
+        return WebDatasetSource(name, root, skip_bad=data.skip_bad_records)
+    if data.kind == "tfds":
+        return TfdsCaptionSource(data.tfds_name, root, data.tfds_train_split if split == "train" else
+                                 data.tfds_test_split, image_key=data.tfds_image_key,
+                                 caption_key=data.tfds_caption_key, id_key=data.tfds_id_key,
+                                 skip_bad=data.skip_bad_records)
+    files = annotation_files(root, name)
     if data.kind == "csv":
         return CsvCaptionSource(files, root, img_key=data.csv_img_key, caption_key=data.csv_caption_key,
                                 group_key=data.csv_group_key or None, separator=data.csv_separator,

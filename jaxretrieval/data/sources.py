@@ -22,6 +22,7 @@ keeps the file and line it came from, so errors found later (an image that does 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -93,6 +94,20 @@ def read_text(path: Path, what: str = "") -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 text (byte {e.start + 1})") from None
+
+
+def image_file(path: str) -> str | io.BytesIO:
+    """What `PIL.Image.open` should open for a record's image: a file path itself, or the bytes a `tar://`
+    (webdataset) or `tfds://` (TFDS) record reference points at."""
+    if path.startswith("tar://"):
+        from jaxretrieval.data import webdataset
+
+        return io.BytesIO(webdataset.read_ref(path))
+    if path.startswith("tfds://"):
+        from jaxretrieval.data import tfds_source
+
+        return io.BytesIO(tfds_source.read_ref(path))
+    return path
 
 
 def json_field(item: dict, key: str, types: tuple[type, ...], where: str) -> Any:

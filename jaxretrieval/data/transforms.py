@@ -18,8 +18,7 @@ import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jaxretrieval.data.sources import CaptionRecord, DataError
-from jaxretrieval.data.webdataset import image_file
+from jaxretrieval.data.sources import CaptionRecord, DataError, image_file
 
 log = logging.getLogger(__name__)
 

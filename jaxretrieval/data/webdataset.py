@@ -5,8 +5,8 @@ construction reads each shard's tar headers once (payloads skipped; only the sma
 one CaptionRecord per sample. Samples are grouped as webdataset groups them: consecutive members sharing a key, the
 path up to the first dot of the basename (`d/0001.jpg`: key `d/0001`, extension `jpg`). A sample needs an image (`jpg`,
 `jpeg`, `png`, `webp`) and a caption: its `txt` member, else its `json` member's `caption` (or `text`), as img2dataset
-writes them. A record's `image` is `tar://<absolute shard path>#<offset>:<size>` (`image_file` opens it for PIL);
-`group` is the sample index, `file` the shard index in `paths`, `line` the sample's number in its shard.
+writes them. A record's `image` is `tar://<absolute shard path>#<offset>:<size>` (`sources.image_file` opens it
+for PIL); `group` is the sample index, `file` the shard index in `paths`, `line` the sample's number in its shard.
 
 The index depends only on the shards, so `len(source)` and record i agree on every process: no per-process shard
 assignment, each process reads its rows of every global batch by index. Shards must be uncompressed tars (convert
@@ -17,7 +17,6 @@ off) are DataErrors naming shard and key, or with `skip_bad` dropped and counted
 from __future__ import annotations
 
 import glob
-import io
 import itertools
 import logging
 import os
@@ -167,11 +166,6 @@ def read_ref(ref: str) -> bytes:
     if len(data := _DESCRIPTORS.read(path, offset, size)) != size:
         raise DataError(f"{path} ends before byte {offset + size} (changed since it was indexed?)")
     return data
-
-
-def image_file(path: str) -> str | io.BytesIO:
-    """What `PIL.Image.open` should open for a record's image: the path itself, or a tar member's bytes."""
-    return io.BytesIO(read_ref(path)) if path.startswith(TAR_PREFIX) else path
 
 
 class _BadSample(DataError):
