@@ -15,12 +15,13 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from jaxretrieval import checkpoint, errors, tensorboard
 from jaxretrieval.config import Config, load_config, save_config, to_dict
+from jaxretrieval.data.transforms import normalise_pixels
 from jaxretrieval.errors import OutputPathError, UserError, probe_folder
 from jaxretrieval.gradients import contrastive_grad_fn
 from jaxretrieval.models import abstract_model, init_params, layer_depth, parameter_roles, run_once
@@ -57,7 +59,8 @@ class NonFiniteLoss(UserError, FloatingPointError):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, seed: int = 0,
-                    grad_fn: Callable | None = None, before_step: Callable | None = None):
+                    grad_fn: Callable | None = None, before_step: Callable | None = None,
+                    pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None):
     """(params, opt_state, batch, step) -> (params, opt_state, metrics); stochastic layers (drop path) draw from
     a key derived from the seed and the step, so a resumed run draws what an uninterrupted one would.
 
@@ -66,12 +69,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
     `before_step(params) -> params` (a system's, e.g. clamping temperatures) runs first, its result updated.
 
     A batch may carry `stop` (per row: 1 where that row's process received a stop signal): its maximum over the
-    global batch comes back as metrics["stop"], so every process reads the same decision."""
+    global batch comes back as metrics["stop"], so every process reads the same decision. uint8 `image` pixels
+    (data.normalise_on_device) are normalised here with `pixel_stats` (mean, std)."""
     grad_fn = grad_fn or contrastive_grad_fn(graphdef)
 
     def train_step(params, opt_state, batch, step):
         batch = dict(batch)
         stop = batch.pop("stop", None)
+        if pixel_stats is not None and "image" in batch and batch["image"].dtype == jnp.uint8:
+            batch["image"] = normalise_pixels(batch["image"], *pixel_stats)
         if before_step is not None:
             params = before_step(params)
         loss, metrics, grads, state = grad_fn(params, batch, jax.random.fold_in(jax.random.key(seed), step))
@@ -113,7 +119,7 @@ def prepare_training(config: Config, mesh: Mesh) -> TrainingSetup:
     abstract_opt = jax.eval_shape(tx.init, abstract)
     opt_shardings = tree_shardings(abstract_opt, mesh, config.sharding)
     step = make_train_step(graphdef, tx, cfg.seed, grad_fn=system.grad_fn(config, graphdef, mesh),
-                           before_step=system.before_step(config))
+                           before_step=system.before_step(config), pixel_stats=(config.data.mean, config.data.std))
     step_fn = jax.jit(under_mesh(step, mesh),
                       in_shardings=(param_shardings, opt_shardings, batch_sharding(mesh), replicated(mesh)),
                       out_shardings=(param_shardings, opt_shardings, replicated(mesh)),

@@ -81,8 +81,11 @@ def make_tokenizer(config: Config, root: Path, saved: dict | None = None) -> Tok
     return tokenizer
 
 
-def make_preprocess(config: Config) -> Preprocess:
-    return Preprocess(config.model.image.image_size, config.data.mean, config.data.std, resize=config.data.resize)
+def make_preprocess(config: Config, train: bool = False) -> Preprocess:
+    """The deterministic image transform; for training batches uint8 out with data.normalise_on_device."""
+    data = config.data
+    return Preprocess(config.model.image.image_size, data.mean, data.std, resize=data.resize, draft=data.jpeg_draft,
+                      uint8=train and data.normalise_on_device)
 
 
 def annotation_files(root: Path, pattern: str) -> Path | list[Path]:
@@ -188,9 +191,9 @@ def train_loader(config: Config, source: CaptionSource, tokenizer: Tokenizer, st
     """Endless batches of this process's rows of the global batches of one shuffled stream (see
     jaxretrieval.data.order), from global batch `start_step` on; `fields` adds a system's per-record arrays."""
     data = config.data
-    view = HybridView(config.model.image.image_size, data.mean, data.std, scale=data.local_scale) \
-        if data.hybrid_views else None
-    encode = EncodePair(make_preprocess(config), tokenizer, flip=data.flip, skip_bad=data.skip_bad_records,
+    view = HybridView(config.model.image.image_size, data.mean, data.std, scale=data.local_scale,
+                      draft=data.jpeg_draft, uint8=data.normalise_on_device) if data.hybrid_views else None
+    encode = EncodePair(make_preprocess(config, train=True), tokenizer, flip=data.flip, skip_bad=data.skip_bad_records,
                         view=view, files=source.paths, fields=fields,
                         where=source.where)
     return stream_loader(config, source, encode, start_step)

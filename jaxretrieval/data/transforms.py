@@ -30,10 +30,14 @@ DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFEr
                  Image.DecompressionBombError)
 
 
-def load_image(path: str) -> Image.Image:
-    """Opens an image as RGB; a missing or undecodable file is a DataError naming it."""
+def load_image(path: str, draft: Callable[[tuple[int, int]], tuple[int, int]] | None = None) -> Image.Image:
+    """Opens an image as RGB; a missing or undecodable file is a DataError naming it. With `draft` a JPEG decodes at
+    the smallest of 1/1, 1/2, 1/4, 1/8 scale that keeps it at least `draft((width, height))` (the codec's own
+    downscaling: several times faster for photos larger than the model input)."""
     try:
         with Image.open(image_file(path)) as image:
+            if draft is not None and image.format == "JPEG":
+                image.draft("RGB", draft(image.size))
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image file {path} does not exist") from None
@@ -43,8 +47,16 @@ def load_image(path: str) -> Image.Image:
         raise DataError(f"cannot decode image {path} ({e or type(e).__name__})") from None
 
 
-def _rgb(image: Image.Image | str) -> Image.Image:
-    return load_image(image) if isinstance(image, str) else image.convert("RGB")
+def _rgb(image: Image.Image | str, draft: Callable[[tuple[int, int]], tuple[int, int]] | None = None) -> Image.Image:
+    return load_image(image, draft) if isinstance(image, str) else image.convert("RGB")
+
+
+def _short_side_target(size: int) -> Callable[[tuple[int, int]], tuple[int, int]]:
+    """(width, height) -> the size a short-side resize to `size` gives: what a draft decode must keep."""
+    def target(image_size: tuple[int, int]) -> tuple[int, int]:
+        scale = size / min(image_size)
+        return math.ceil(image_size[0] * scale), math.ceil(image_size[1] * scale)
+    return target
 
 
 def _squash(image: Image.Image, size: int) -> Image.Image:
@@ -63,9 +75,21 @@ def _short_side_centre_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    pixels = np.asarray(image, dtype=np.float32) / 255.0
-    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float], uint8: bool = False) -> np.ndarray:
+    """(H, W, 3) float32 (pixels / 255 - mean) / std, or with `uint8` the pixels as they are (the train step then
+    normalises on the device: `normalise_pixels`)."""
+    if uint8:
+        return np.asarray(image, dtype=np.uint8)
+    return normalise_pixels(np.asarray(image, dtype=np.uint8), mean, std)
+
+
+def normalise_pixels(pixels: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """uint8 pixels (numpy, or a jax array on the device) -> float32 (pixels / 255 - mean) / std."""
+    if isinstance(pixels, np.ndarray):
+        xp = np
+    else:
+        import jax.numpy as xp
+    return (pixels.astype(xp.float32) / 255.0 - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,25 +98,30 @@ class Preprocess:
 
     resize="crop": short side to `image_size` (bicubic), then a centre crop; "squash": straight to
     (image_size, image_size) bicubic, as BEiT-3 evaluates. The same callable is the `preprocess` that
-    `jaxretrieval.load` returns.
+    `jaxretrieval.load` returns. `draft`: JPEGs decode at reduced scale (see load_image); `uint8`: unnormalised
+    uint8 pixels out.
     """
 
     image_size: int
     mean: Sequence[float]
     std: Sequence[float]
     resize: str = "crop"
+    draft: bool = False
+    uint8: bool = False
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got '{self.resize}'")
 
     def __call__(self, image: Image.Image | str) -> np.ndarray:
-        image = _rgb(image)
-        if self.resize == "squash":
+        squash = self.resize == "squash"
+        draft = (lambda _: (self.image_size,) * 2) if squash else _short_side_target(self.image_size)
+        image = _rgb(image, draft if self.draft else None)
+        if squash:
             image = _squash(image, self.image_size)
         else:
             image = _short_side_centre_crop(image, self.image_size)
-        return _normalise(image, self.mean, self.std)
+        return _normalise(image, self.mean, self.std, self.uint8)
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -125,7 +154,8 @@ class HybridView:
 
     Per sample x ~ N(0.5, sigma); x > threshold gives a local view (RandomResizedCrop(image_size, scale, ratio),
     bicubic), otherwise the global view (the whole image squashed to (image_size, image_size), bicubic).
-    Every random draw comes from `rng`.
+    Every random draw comes from `rng`. `draft` and `uint8` as Preprocess (draft for global views only: a local
+    crop keeps full resolution).
     """
 
     image_size: int
@@ -135,6 +165,8 @@ class HybridView:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     threshold: float = 0.5
     sigma: float = 1 / 6
+    draft: bool = False
+    uint8: bool = False
 
     def __post_init__(self):
         if not 0 < self.scale[0] <= self.scale[1]:
@@ -149,11 +181,12 @@ class HybridView:
         return bool(rng.normal(0.5, self.sigma) > self.threshold)
 
     def __call__(self, image: Image.Image | str, rng: np.random.Generator) -> np.ndarray:
-        image = _rgb(image)
-        if self.is_local(rng):
+        local = self.is_local(rng)
+        image = _rgb(image, (lambda _: (self.image_size,) * 2) if self.draft and not local else None)
+        if local:
             top, left, height, width = random_resized_crop_box(*image.size, self.scale, self.ratio, rng)
             image = image.crop((left, top, left + width, top + height))
-        return _normalise(_squash(image, self.image_size), self.mean, self.std)
+        return _normalise(_squash(image, self.image_size), self.mean, self.std, self.uint8)
 
 
 class EncodePair(grain.transforms.RandomMap):
