@@ -16,45 +16,15 @@ from conftest import tiny_config
 
 from jaxretrieval.data.pipeline import caption_source, make_tokenizer, train_loader
 from jaxretrieval.data.sources import DataError, image_file
+from jaxretrieval.data.tfds_source import write_tfds as write_caption_rows
 
 tfds = pytest.importorskip("tensorflow_datasets")
 ROWS = 24  # the first 8 demo images, 3 captions each
 BATCH = 8
 
 
-class CaptionRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A TFDS dataset written from rows in the test: {image: encoded bytes, caption: text or list, id}; `nested`
-    stores COCO-style features (`captions/text` as a sequence, `image/id`)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def __init__(self, splits: dict[str, list[dict]], nested: bool = False, **kwargs):
-        self.splits, self.nested = splits, nested
-        super().__init__(**kwargs)
-
-    def _info(self):
-        if self.nested:
-            features = {"image": tfds.features.Image(encoding_format="png"), "image/id": np.int64,
-                        "captions": tfds.features.Sequence({"text": tfds.features.Text()})}
-        else:
-            features = {"image": tfds.features.Image(encoding_format="png"), "caption": tfds.features.Text(),
-                        "image_id": np.int64}
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-    def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(rows) for split, rows in self.splits.items()}
-
-    def _generate_examples(self, rows):
-        for index, row in enumerate(rows):
-            if self.nested:
-                yield index, {"image": io.BytesIO(row["png"]), "image/id": row["image_id"],
-                              "captions": {"text": row["captions"]}}
-            else:
-                yield index, {"image": io.BytesIO(row["png"]), "caption": row["caption"], "image_id": row["image_id"]}
-
-
 def write_tfds(folder: Path, splits: dict[str, list[dict]], nested: bool = False) -> Path:
-    CaptionRows(splits, nested, data_dir=str(folder), file_format="array_record").download_and_prepare()
+    write_caption_rows(folder, splits, nested=nested, image_format="png")
     return folder
 
 
@@ -98,7 +68,7 @@ def write_format(kind: str, demo_root: Path, folder: Path) -> dict[str, str]:
                         tar.addfile(info, io.BytesIO(data))
         return {"data.train_file": "train-{000..000}.tar", "data.test_file": "test-*.tar"}
     assert kind == "tfds"
-    write_tfds(folder, {split: [{**r, "png": (demo_root / r["image"]).read_bytes()} for r in rows]
+    write_tfds(folder, {split: [{**r, "image": (demo_root / r["image"]).read_bytes()} for r in rows]
                         for split, rows in splits.items()})
     return {"data.tfds_name": "caption_rows", "data.tfds_id_key": "image_id"}
 
@@ -165,8 +135,8 @@ def test_a_run_trains_and_evaluates_from_tfds(demo_root, tmp_path):
 @pytest.fixture(scope="module")
 def nested(demo_root, tmp_path_factory) -> Path:
     """COCO-style features: a sequence of captions per image and the id under the flat key `image/id`."""
-    rows = [{"png": (demo_root / f"images/train_{i:05d}.png").read_bytes(), "image_id": 100 - i,
-             "captions": [f"caption {i} {k}" for k in range(i % 3 + 1)]} for i in range(5)]
+    rows = [{"image": (demo_root / f"images/train_{i:05d}.png").read_bytes(), "image_id": 100 - i,
+             "caption": [f"caption {i} {k}" for k in range(i % 3 + 1)]} for i in range(5)]
     return write_tfds(tmp_path_factory.mktemp("nested"), {"train": rows, "validation": rows[:2]}, nested=True)
 
 
@@ -220,8 +190,8 @@ def test_missing_dataset_and_skip_bad(nested, tmp_path, caplog):
         TfdsCaptionSource("nope", nested, "train")
     with pytest.raises(DataError, match=r"holds no dataset_info.json"):
         TfdsCaptionSource("", tmp_path, "train")
-    rows = [{"png": b"\x89PNG-not-really", "image_id": 1, "captions": ["a", " "]},
-            {"png": b"x", "image_id": 2, "captions": ["b"]}]
+    rows = [{"image": b"\x89PNG-not-really", "image_id": 1, "caption": ["a", " "]},
+            {"image": b"x", "image_id": 2, "caption": ["b"]}]
     folder = write_tfds(tmp_path / "blank", {"train": rows}, nested=True)
     with pytest.raises(DataError, match=r"train\[\d\]: feature 'captions/text' item 1 is blank"):
         TfdsCaptionSource("caption_rows", folder, "train", caption_key="captions/text")
