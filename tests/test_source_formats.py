@@ -211,3 +211,23 @@ def test_tfds_batches_equal_with_grain_workers(demo_root, tmp_path):
     for got, want in zip(batches[2], batches[0], strict=True):
         for key in ("image", "text", "group"):
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_readme_format_table_lines_are_valid_config():
+    """Each one-line config of the README's format table names real keys and values."""
+    import re
+    import shlex
+
+    from jaxretrieval.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "README.md").read_text()
+    table = text[text.index("| format | config |"):].split("\n\n")[0].splitlines()[2:]
+    assert len(table) >= 9
+    kinds = set()
+    for row in table:
+        words = shlex.split(re.findall(r"`([^`]*)`", row.split("|")[2])[0])
+        file = repo / words.pop(1) if words[0] == "--config" else None
+        config = load_config(file, words[1:] if file else words)
+        kinds.add(config.data.kind)
+    assert {"jsonl", "albef", "csv", "karpathy", "webdataset", "tfds", "cuhk-pedes", "market1501", "demo"} <= kinds
