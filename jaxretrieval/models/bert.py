@@ -220,3 +220,26 @@ class ITMHead(nnx.Module):
         if self.hidden is not None:
             cls = _gelu(self.norm(self.hidden(cls)))
         return self.out(cls).astype(jnp.float32)
+
+
+class FusionHeads:
+    """What a BERT-fusion retrieval model derives from its `text` (a Bert with fusion layers), `itm_head`,
+    `mlm_head` (or None) and `pad_id`: text states, ITM logits on the fused [CLS], MLM logits (X-VLM, UIT)."""
+
+    def keep(self, tokens: jax.Array) -> jax.Array:
+        return tokens != self.pad_id
+
+    def text_hidden(self, tokens: jax.Array) -> jax.Array:
+        """(batch, length, width) after the text layers."""
+        return self.text.encode_text(tokens, self.keep(tokens))
+
+    def match_logits(self, text_hidden: jax.Array, text_keep: jax.Array, image_tokens: jax.Array) -> jax.Array:
+        """(batch, 2) ITM logits (index 1: match) of the fused [CLS]; every image token is attended."""
+        return self.itm_head(self.text.fuse(text_hidden, text_keep, image_tokens)[:, 0])
+
+    def mlm_logits(self, masked_tokens: jax.Array, text_keep: jax.Array, image_tokens: jax.Array,
+                   positions: jax.Array) -> jax.Array:
+        """(batch, masks, vocab) logits at `positions` (batch, masks) of the masked ids fused with the image."""
+        hidden = self.text(masked_tokens, text_keep, image_tokens)
+        at = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+        return self.mlm_head(at, self.text.embeddings.word)

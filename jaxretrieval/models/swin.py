@@ -271,13 +271,18 @@ class SwinTransformer(nnx.Module):
         self.norm = _norm(widths[-1], rngs, dtype)
         self.drop_path_rates = tuple(float(r) for r in np.linspace(0.0, drop_path_rate, sum(depths)))
 
-    def __call__(self, pixels: jax.Array, *, rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, pixels: jax.Array, *, rngs: nnx.Rngs | None = None, masked: jax.Array | None = None,
+                 mask_token: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """pixels: (batch, height, width, channels), normalised, at `image_size`. Dropping paths needs rngs (None:
-        the deterministic, evaluation forward)."""
+        the deterministic, evaluation forward). SimMIM: `masked` (batch or 1, patch rows, patch columns), 1 where the
+        patch embedding is replaced by `mask_token` (embed_dim,) before the first stage."""
         if tuple(pixels.shape[1:3]) != self.image_size:
             raise ValueError(f"image size {pixels.shape[1]}x{pixels.shape[2]} is not the model's "
                              f"{self.image_size[0]}x{self.image_size[1]}")
         x = self.patch_embed(pixels.astype(self.dtype))
+        if masked is not None:
+            w = masked.reshape(masked.shape[0], -1, 1).astype(x.dtype)
+            x = x * (1 - w) + mask_token.astype(x.dtype) * w
         rates = jnp.asarray(self.drop_path_rates, jnp.float32)
         dropping = rngs is not None and max(self.drop_path_rates) > 0
         keys = jax.random.split(rngs.dropout(), len(rates)) if dropping else None

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxretrieval.models.beit2 import Beit2
-from jaxretrieval.models.bert import Bert, ITMHead, MLMHead
+from jaxretrieval.models.bert import Bert, FusionHeads, ITMHead, MLMHead
 from jaxretrieval.models.clip import l2_normalize
 from jaxretrieval.models.layers import dense
 from jaxretrieval.models.resnet import ResNet
@@ -59,7 +59,7 @@ def momentum_update(params: dict, m: float | jax.Array) -> dict:
     return {part: ema(params["momentum"][part], params[part], m) for part in params["momentum"]}
 
 
-class XVLM(nnx.Module):
+class XVLM(FusionHeads, nnx.Module):
     def __init__(self, *, vision: dict[str, Any], text: dict[str, Any], embed_dim: int, temp: float = 0.07,
                  itm_hidden: int | None = None, mlm: bool = True, momentum: bool = True,
                  cnn_layers: tuple[int, ...] | None = None, cnn_width: int = 64, pad_id: int = 0,
@@ -95,17 +95,10 @@ class XVLM(nnx.Module):
         else:
             self.momentum = None
 
-    # ---- towers -----------------------------------------------------------------------------------------------
-    def keep(self, tokens: jax.Array) -> jax.Array:
-        return tokens != self.pad_id
-
+    # ---- towers (text states, ITM and MLM logits: FusionHeads) ------------------------------------------------
     def image_tokens(self, pixels: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """(batch, 1 + patches, width): the mean-pooled token, then the patch tokens."""
         return self.vision(pixels, rngs=rngs)[0]
-
-    def text_hidden(self, tokens: jax.Array) -> jax.Array:
-        """(batch, length, width) after the text layers."""
-        return self.text.encode_text(tokens, self.keep(tokens))
 
     def image_features(self, image_tokens: jax.Array) -> jax.Array:
         return l2_normalize(self.vision_proj(image_tokens[:, 0]).astype(jnp.float32))
@@ -120,21 +113,6 @@ class XVLM(nnx.Module):
     def encode_text(self, tokens: jax.Array, normalize: bool = True) -> jax.Array:
         del normalize
         return self.text_features(self.text_hidden(tokens))
-
-    # ---- cross-encoder ----------------------------------------------------------------------------------------
-    def fused_cls(self, text_hidden: jax.Array, text_keep: jax.Array, image_tokens: jax.Array) -> jax.Array:
-        return self.text.fuse(text_hidden, text_keep, image_tokens)[:, 0]
-
-    def match_logits(self, text_hidden: jax.Array, text_keep: jax.Array, image_tokens: jax.Array) -> jax.Array:
-        """(batch, 2) ITM logits (index 1: match)."""
-        return self.itm_head(self.fused_cls(text_hidden, text_keep, image_tokens))
-
-    def mlm_logits(self, masked_tokens: jax.Array, text_keep: jax.Array, image_tokens: jax.Array,
-                   positions: jax.Array) -> jax.Array:
-        """(batch, masks, vocab) logits at `positions` (batch, masks) of the masked ids fused with the image."""
-        hidden = self.text(masked_tokens, text_keep, image_tokens)
-        at = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
-        return self.mlm_head(at, self.text.embeddings.word)
 
     def cnn_features(self, pixels: jax.Array) -> jax.Array:
         """Batch norms use their running statistics (frozen), where the original's timm ResNet trains them."""
