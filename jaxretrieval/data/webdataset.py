@@ -39,6 +39,8 @@ CAPTION_KEYS = ("caption", "text")
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 _REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
 _META = re.compile(r"__[^/]*__($|/)")  # members webdataset skips
+_OCTAL = re.compile(rb"[0-7]+")
+_DECIMAL = re.compile(r"[0-9]+")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?$")
 
 
@@ -189,11 +191,28 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{head}/{key}" if head else key, ext.lower()) if dot and key else None
 
 
+def _octal(field: bytes) -> int:
+    """A tar numeric field: octal digits only, padded with spaces or NULs (no sign: int() would take one)."""
+    digits = field.strip(b" \0") or b"0"
+    if not _OCTAL.fullmatch(digits):
+        raise ValueError(f"bad numeric field {field!r}")
+    return int(digits, 8)
+
+
+def _pax_size(value: str | None, size: int) -> int:
+    """A pax `size` record (decimal digits) where one was given, else the header's size."""
+    if value is None:
+        return size
+    if not _DECIMAL.fullmatch(value):
+        raise ValueError(f"bad pax size {value!r}")
+    return int(value)
+
+
 def _header(block: bytes) -> tuple[str, int, bytes]:
     """(name, size, type flag) of a ustar / GNU / v7 header block; ValueError for a bad checksum or size."""
-    if int(block[148:156].strip(b" \0"), 8) != sum(block) - sum(block[148:156]) + 8 * 32:
+    if _octal(block[148:156]) != sum(block) - sum(block[148:156]) + 8 * 32:
         raise ValueError("checksum mismatch")
-    size = int.from_bytes(block[125:136], "big") if block[124] & 0x80 else int(block[124:136].strip(b" \0") or b"0", 8)
+    size = int.from_bytes(block[125:136], "big") if block[124] & 0x80 else _octal(block[124:136])
     name = block[:100].partition(b"\0")[0]
     if block[257:265] == b"ustar\x0000" and block[345]:  # POSIX ustar: a path prefix
         name = block[345:500].partition(b"\0")[0] + b"/" + name
@@ -226,6 +245,9 @@ def tar_members(f: BinaryIO, path: str | os.PathLike) -> tuple[list[_Member], tu
         if offset == 0 and not block:
             raise DataError(f"{path} is empty (0 bytes), not a tar archive")
         if not block.strip(b"\0"):  # the end, with or without end-of-archive blocks
+            if pending:  # an extended header whose member never came
+                cut = _split_name(pending.get("path", ""))
+                return members, (f"the file ends after the extended header at byte {offset}", cut and cut[0])
             return members, None
         if len(block) < 512:
             name, nul, _ = block[:100].partition(b"\0")
@@ -233,23 +255,26 @@ def tar_members(f: BinaryIO, path: str | os.PathLike) -> tuple[list[_Member], tu
             return members, (f"the file ends inside the header at byte {offset}", cut and cut[0])
         try:
             name, size, flag = _header(block)
-            if flag in (b"L", b"x"):  # the next member's long name, or its pax records
-                f.seek(offset + 512)
-                data = f.read(size)
-                pending.update(_pax(data) if flag == b"x" else {"path": data.partition(b"\0")[0].decode()})
-            elif flag in _REGULAR:
-                name, size, pending = pending.get("path", name), int(pending.get("size", size)), {}
-            else:
-                pending = {}
+            if flag in _REGULAR:
+                name, size = pending.get("path", name), _pax_size(pending.get("size"), size)
         except ValueError:  # UnicodeDecodeError included
             if offset == 0:
                 raise DataError(f"{path} is not a tar archive (no valid header at its start)") from None
             return members, (f"no valid tar header at byte {offset}", None)
         if offset + 512 + size > length:
-            cut = _split_name(name)
+            cut = _split_name(name) if flag in _REGULAR else None
             return members, (f"member '{name}' lacks its last {offset + 512 + size - length} bytes", cut and cut[0])
-        if flag in _REGULAR and not _META.match(name):
-            members.append(_Member(name, offset + 512, size))
+        if flag in (b"L", b"x"):  # the next member's long name, or its pax records
+            f.seek(offset + 512)
+            data = f.read(size)
+            try:
+                pending.update(_pax(data) if flag == b"x" else {"path": data.partition(b"\0")[0].decode()})
+            except ValueError:
+                return members, (f"bad extended header at byte {offset}", None)
+        else:
+            pending = {}
+            if flag in _REGULAR and not _META.match(name):
+                members.append(_Member(name, offset + 512, size))
         offset += 512 + (size + 511) // 512 * 512
 
 
