@@ -202,7 +202,8 @@ class TrainConfig:
     # adamw (decoupled decay on matrices) or adam (torch.optim.Adam: L2 weight_decay added to every gradient).
     optimizer: str = "adamw"
     # cosine: warmup_steps linear, then cosine to end_lr; multistep (with epochs): lr x min(1, (epoch + 1) /
-    # warmup_epochs), x gamma at each of the milestones (epochs), as Centroids-ReID.
+    # warmup_epochs), x gamma at each of the milestones (epochs), as Centroids-ReID; xvlm_step: X-VLM's / UIT's
+    # 'step' (warmup_steps linear, then linear to 0 at steps, times 1 / 0.5 / 0.2 from 4 and 7 x warmup_steps).
     schedule: str = "cosine"
     warmup_epochs: int = 0
     milestones: list[int] = dataclasses.field(default_factory=list)

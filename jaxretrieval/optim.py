@@ -22,6 +22,8 @@ LayerDepth = tuple[Callable[[str], int], int]
 def learning_rate(config: TrainConfig) -> optax.Schedule:
     if config.schedule == "multistep":
         return multistep_by_epoch(config)
+    if config.schedule == "xvlm_step":
+        return xvlm_step(config)
     warmup = min(config.warmup_steps, config.steps)
     return optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, max(config.steps, warmup + 1),
                                               config.end_lr)
@@ -42,6 +44,20 @@ def multistep_by_epoch(config: TrainConfig) -> optax.Schedule:
     return schedule
 
 
+def xvlm_step(config: TrainConfig) -> optax.Schedule:
+    """X-VLM's (and UIT's) 'step' schedule: linear warmup over warmup_steps W, then lr x f x (steps - t) / (steps -
+    W), f = 1 until 4W, 0.5 until 7W, 0.2 after."""
+    warmup, total = config.warmup_steps, config.steps
+
+    def schedule(count: jax.Array) -> jax.Array:
+        t = jnp.asarray(count, jnp.float32)
+        factor = jnp.where(t < 4 * warmup, 1.0, jnp.where(t < 7 * warmup, 0.5, 0.2))
+        decay = jnp.maximum(0.0, (total - t) / max(1, total - warmup))
+        return config.lr * jnp.where(t < warmup, t / max(1, warmup), factor * decay)
+
+    return schedule
+
+
 def decay_mask(params: Any, exclude: Sequence[str] = ()) -> Any:
     """Weight decay on matrices and embeddings only (no biases, norm gains, class token or logit scale), and not
     on parameters whose path matches a regex in `exclude`. A stacked layer parameter is judged per layer (its
@@ -54,33 +70,40 @@ def decay_mask(params: Any, exclude: Sequence[str] = ()) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def layer_lr_scales(params: Any, depth: LayerDepth, decay: float) -> Any:
-    """decay ** (top - depth) per parameter: the top (heads) learns at the full rate, embeddings slowest."""
-    depth_of, top = depth
-
+def path_scales(params: Any, scale_of: Callable[[str], Any]) -> Any:
+    """scale_of(path) per parameter: a number, or for a stacked layer parameter one number per layer, shaped to
+    broadcast along its first axis."""
     def scale(path: tuple, leaf: Any) -> Any:
-        factor = decay ** (top - np.asarray(depth_of(path_name(path)), np.float64))
-        if factor.ndim:  # a stacked layer parameter: one factor per layer, along its first axis
+        factor = np.asarray(scale_of(path_name(path)), np.float64)
+        if factor.ndim:
             return factor.reshape(-1, *[1] * (np.ndim(leaf) - 1)).astype(np.float32)
         return float(factor)
 
     return jax.tree_util.tree_map_with_path(scale, params)
 
 
-def scale_by_layer_depth(depth: LayerDepth, decay: float) -> optax.GradientTransformation:
-    # Scaling the whole AdamW update scales the rate its decoupled weight decay is applied at as well, which is
-    # what torch's per-group lr does in unilm's layer-decay parameter groups.
+def layer_lr_scales(params: Any, depth: LayerDepth, decay: float) -> Any:
+    """decay ** (top - depth) per parameter: the top (heads) learns at the full rate, embeddings slowest."""
+    depth_of, top = depth
+    return path_scales(params, lambda name: decay ** (top - np.asarray(depth_of(name), np.float64)))
+
+
+def scale_updates(scales: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Updates times `scales(updates)` leaf by leaf. Scaling the whole AdamW update scales the rate its decoupled
+    weight decay is applied at as well, which is what torch's per-group lr does (unilm's layer-decay groups, X-VLM's
+    lr_mult groups)."""
     def scale(updates: Any, params: Any = None) -> Any:
-        return jax.tree.map(lambda u, s: u * s, updates, layer_lr_scales(updates, depth, decay))
+        return jax.tree.map(lambda u, s: u * s, updates, scales(updates))
 
     return optax.stateless(scale)
 
 
 def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None, roles: Any = None,
-                   role_optimizers: dict[str, optax.GradientTransformation] | None = None
-                   ) -> optax.GradientTransformation:
+                   role_optimizers: dict[str, optax.GradientTransformation] | None = None,
+                   lr_scale: Callable[[str], Any] | None = None) -> optax.GradientTransformation:
     """The model's optimiser for the "param" leaves of `roles` (models.parameter_roles); "state" leaves get no update
-    and any other role its optimiser in `role_optimizers` (a system's, e.g. Centroids-ReID's centres)."""
+    and any other role its optimiser in `role_optimizers` (a system's, e.g. Centroids-ReID's centres). `lr_scale`
+    (parameter path -> a learning-rate factor, per layer for a stack) is a system's per-parameter lr multiplier."""
     lr = learning_rate(config)
     if config.optimizer == "adam":  # torch.optim.Adam: L2 weight decay on every parameter, added to the gradient
         adam = optax.chain(optax.add_decayed_weights(config.weight_decay),
@@ -94,7 +117,9 @@ def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None, roles: 
     if config.layer_decay < 1:
         if depth is None:
             raise ValueError("train.layer_decay < 1 needs a system that defines layer depths (beit3)")
-        parts.append(scale_by_layer_depth(depth, config.layer_decay))
+        parts.append(scale_updates(lambda u: layer_lr_scales(u, depth, config.layer_decay)))
+    if lr_scale is not None:
+        parts.append(scale_updates(lambda u: path_scales(u, lr_scale)))
     main = parts[0] if len(parts) == 1 else optax.chain(*parts)
     if roles is None or set(jax.tree.leaves(roles)) == {"param"}:
         return main

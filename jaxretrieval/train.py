@@ -93,9 +93,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, se
 
 
 def system_optimizer(config: Config) -> optax.GradientTransformation:
-    """The optimiser of config.train for the system's model: its layer depths and parameter roles."""
+    """The optimiser of config.train for the system's model: its layer depths, parameter roles and lr factors."""
     system = get_system(config.system)
-    return make_optimizer(config.train, layer_depth(config), parameter_roles(config), system.role_optimizers(config))
+    return make_optimizer(config.train, layer_depth(config), parameter_roles(config), system.role_optimizers(config),
+                          system.lr_scale(config))
 
 
 class TrainingSetup(NamedTuple):

@@ -49,6 +49,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "xvlm_tiny": {**_xvlm(32, 64, 2, 2, 3, 32), "embed_dim": 32,
                   "image": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2},
                   "text": {"context_length": 32, "vocab_size": 160, "width": 64, "layers": 3, "heads": 2}},
+    # UIT (PAB's CMP baseline): Swin-B at 224 (stage sizes in the uit section) + BERT-base, 56 tokens, ITC width 2048.
+    "uit_swinb": {"family": "uit", "embed_dim": 2048,
+                  "image": {"image_size": 224, "patch_size": 4, "width": 128},
+                  "text": {"context_length": 56, "vocab_size": 30522, "width": 768, "layers": 12, "heads": 12}},
+    # UIT at test / CPU-demo size: 64-px images, a two-stage Swin (uit.swin_depths [1, 1]), 4 BERT layers.
+    "uit_tiny": {"family": "uit", "embed_dim": 32,
+                 "image": {"image_size": 64, "patch_size": 4, "width": 16},
+                 "text": {"context_length": 32, "vocab_size": 160, "width": 32, "layers": 4, "heads": 2}},
     # Small enough for the test suite and the CPU demo; the text side follows the demo tokenizer.
     "tiny": {
         "embed_dim": 64,

@@ -25,17 +25,19 @@ re-ranked lists sort the same way on the new scores.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxretrieval.retrieval.index import default_mesh, positive
-from jaxretrieval.sharding import BATCH_AXES, replicated_host_array
+from jaxretrieval.sharding import BATCH_AXES, replicated_host_array, under_mesh
 
 
 class CrossEncoder(NamedTuple):
@@ -260,3 +262,25 @@ def rerank_matrix(first_stage: FirstStage, pair_scores: PairScores, query_inputs
     first, top = candidates(first_stage, k, gallery)
     cross = score_pairs(pair_scores, query_inputs, gallery_inputs, top, mesh=mesh, batch_size=batch_size)
     return fill_matrix(_combined(cross, first, combine), top, gallery, fill, dense)
+
+
+@functools.lru_cache(maxsize=8)
+def fusion_cross_encoder(graphdef: nnx.GraphDef, mesh: Any) -> CrossEncoder:
+    """The CrossEncoder of a BERT-fusion model (models.bert.FusionHeads with image_tokens / image_features /
+    text_features: X-VLM, UIT): ITC features of each side, the image tokens and the text states with their mask kept
+    for the ITM head's pair scores (the match logit)."""
+    def image(params: Any, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, params)
+        tokens = model.image_tokens(pixels)
+        return model.image_features(tokens), tokens
+
+    def text(params: Any, tokens: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        model = nnx.merge(graphdef, params)
+        hidden = model.text_hidden(tokens)
+        return model.text_features(hidden), (hidden, model.keep(tokens))
+
+    def pair_scores(params: Any, texts: tuple[jax.Array, jax.Array], images: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params).match_logits(*texts, images)[:, 1]
+
+    jit = lambda fn: jax.jit(under_mesh(fn, mesh))  # noqa: E731
+    return CrossEncoder(jit(image), jit(text), jit(pair_scores))

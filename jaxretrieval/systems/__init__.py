@@ -19,6 +19,7 @@ SYSTEMS: dict[str, str] = {
     "ctl": "jaxretrieval.systems.ctl",
     "cusa": "jaxretrieval.systems.cusa",
     "cfack": "jaxretrieval.systems.cfack",
+    "uit": "jaxretrieval.systems.uit",
 }
 _REGISTERED: dict[str, System] = {}
 

@@ -53,6 +53,11 @@ class System:
         """(parameter path -> depth, the top depth) for layer-wise lr decay (train.layer_decay); None: none."""
         return None
 
+    def lr_scale(self, config: Config) -> Callable[[str], Any] | None:
+        """Parameter path -> learning-rate factor (a number, or one per layer of a stacked parameter), e.g. X-VLM's
+        lr_mult groups; None: every parameter at train.lr."""
+        return None
+
     def param_role(self, name: str) -> str:
         """The optimiser role of a trainable parameter ("/"-joined path): "param", or a role of
         `role_optimizers`. Non-trainable leaves (batch statistics, frozen values) are always "state"."""

@@ -41,8 +41,7 @@ from jaxretrieval.data.transforms import load_image
 from jaxretrieval.losses.contrastive import contrastive_loss
 from jaxretrieval.losses.matching import hard_negatives, itm_loss, matching_batch, mlm_loss
 from jaxretrieval.models.xvlm import XVLM, momentum_update
-from jaxretrieval.retrieval.rerank import CrossEncoder
-from jaxretrieval.sharding import under_mesh
+from jaxretrieval.retrieval.rerank import CrossEncoder, fusion_cross_encoder
 from jaxretrieval.systems import register
 from jaxretrieval.systems.base import Check, GradFn, System
 from jaxretrieval.tasks import Task, with_epoch_steps
@@ -138,25 +137,6 @@ def caption_augmenter(config: Config) -> Callable[[str, np.random.Generator], st
 
     synonyms = eda.synonyms_source(s.synonyms, data_root(config))
     return functools.partial(eda.augment_caption, synonyms=synonyms, max_words=config.data.max_words)
-
-
-@functools.lru_cache(maxsize=8)
-def _cross_encoder(graphdef: nnx.GraphDef, mesh: Any) -> CrossEncoder:
-    def image(params: Any, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graphdef, params)
-        tokens = model.image_tokens(pixels)
-        return model.image_features(tokens), tokens
-
-    def text(params: Any, tokens: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        model = nnx.merge(graphdef, params)
-        hidden = model.text_hidden(tokens)
-        return model.text_features(hidden), (hidden, model.keep(tokens))
-
-    def pair_scores(params: Any, texts: tuple[jax.Array, jax.Array], images: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, params).match_logits(*texts, images)[:, 1]
-
-    jit = lambda fn: jax.jit(under_mesh(fn, mesh))  # noqa: E731
-    return CrossEncoder(jit(image), jit(text), jit(pair_scores))
 
 
 class CFACK(System):
@@ -275,7 +255,7 @@ class CFACK(System):
         return params
 
     def cross_encoder(self, config: Config, graphdef: nnx.GraphDef, mesh: Any) -> CrossEncoder:
-        return _cross_encoder(graphdef, mesh)
+        return fusion_cross_encoder(graphdef, mesh)
 
 
 register(CFACK())
