@@ -7,6 +7,10 @@
   python -m convert bert SRC_FOLDER OUT                       (Hugging Face BERT: a text tower for train.init_from)
   python -m convert bert-export CKPT OUT                      (back to a Hugging Face folder)
   python -m convert xvlm SRC.th OUT [--vocab PATH] [--image-size N] [--heads N]   (X2-VLM / CFACK: system cfack)
+  python -m convert uit SRC.pth OUT [--vocab PATH] [--heads N]   (PAB's UIT / CMP: system uit)
+  python -m convert swin SRC OUT [--bert FOLDER] [--vocab PATH] [--fusion-from N]
+                                   (a Microsoft / timm Swin + a Hugging Face BERT: UIT's initial weights, a partial
+                                    checkpoint for train.init_from)
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from jaxretrieval.errors import add_verbose, command, parse_command_line, probe_
 
 # The packages each command needs before it reads anything (reading a .safetensors source also needs safetensors).
 NEEDS = {"clip": ("torch",), "beit3": ("torch",), "ctl": ("torch",), "clip-export": ("safetensors",),
-         "bert": ("torch",), "bert-export": ("safetensors",), "xvlm": ("torch",)}
+         "bert": ("torch",), "bert-export": ("safetensors",), "xvlm": ("torch",), "uit": ("torch",),
+         "swin": ("torch",)}
 WHAT = {"clip": "converted checkpoint", "beit3": "converted checkpoint", "ctl": "converted checkpoint",
         "clip-export": "exported model", "bert": "converted checkpoint", "bert-export": "exported model",
-        "xvlm": "converted checkpoint"}
+        "xvlm": "converted checkpoint", "uit": "converted checkpoint", "swin": "partial checkpoint"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,9 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     xvlm.add_argument("--image-size", type=int, help="resample the relative position tables to this input size")
     xvlm.add_argument("--heads", type=int, help="the BERT's attention heads (default: its width / 64, as "
                                                 "bert-base and bert-large)")
+    uit = families.add_parser("uit", help="a UIT / CMP .pth (PAB's CMP baseline: Swin + fusion BERT, SimMIM) -> a "
+                                          "system uit checkpoint")
+    uit.add_argument("src", help="the checkpoint: {'model': state_dict, 'config': ...} or a bare state dict")
+    uit.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    uit.add_argument("--vocab", help="the BERT vocab.txt (or tokenizer.json) it was trained with; embedded in the "
+                                     "checkpoint (load and evaluate need it)")
+    uit.add_argument("--heads", type=int, help="the BERT's attention heads (default: its width / 64, as bert-base "
+                                               "and bert-large)")
+    swin = families.add_parser("swin", help="a Microsoft or timm Swin (and a Hugging Face BERT folder) -> a partial "
+                                            "system uit checkpoint for train.init_from (UIT's initial weights)")
+    swin.add_argument("src", help="Microsoft's {'model': state_dict} .pth (swin_base_patch4_window7_224_22k.pth) or "
+                                  "a timm state dict (.pth, .bin, .safetensors)")
+    swin.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    swin.add_argument("--bert", help="a Hugging Face BERT folder (bert-base-uncased): the text tower; the fusion "
+                                     "layers' cross-attention starts fresh")
+    swin.add_argument("--vocab", help="the BERT vocab.txt to embed as the tokenizer (default: the --bert folder's)")
+    swin.add_argument("--fusion-from", type=int, help="the first BERT layer that cross-attends to the image (default: "
+                                                      "config.json's fusion_layer, else 6)")
     add_verbose(parser)
     # -v after the family name too, without resetting one given before it
-    for family in (clip, export, beit3, ctl, bert, bert_export, xvlm):
+    for family in (clip, export, beit3, ctl, bert, bert_export, xvlm, uit, swin):
         family.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help="show the traceback of an error")
     return parser
@@ -103,6 +126,12 @@ def _run(args: argparse.Namespace) -> str:
         from convert.xvlm import import_xvlm
 
         return str(import_xvlm(args.src, args.out, vocab=args.vocab, image_size=args.image_size, heads=args.heads))
+    if args.command in ("uit", "swin"):
+        from convert.uit import import_swin, import_uit
+
+        if args.command == "uit":
+            return str(import_uit(args.src, args.out, vocab=args.vocab, heads=args.heads))
+        return str(import_swin(args.src, args.out, bert=args.bert, vocab=args.vocab, fusion_from=args.fusion_from))
     if args.command == "ctl":
         from convert.ctl import import_ctl
 

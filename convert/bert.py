@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from convert import ConvertError
-from convert.sources import load_hf_weights, read_json, save_safetensors
+from convert.sources import count_indexed, load_hf_weights, read_json, save_safetensors, under
 from jaxretrieval.checkpoint import load_model, read_meta_at, write_model
 from jaxretrieval.models.bert import Bert, MLMHead, layer_path
 from jaxretrieval.models.stacking import relayout
@@ -65,6 +65,55 @@ def sizes_from_hf(config: dict[str, Any], state: dict[str, np.ndarray], prefix: 
                      max_positions=int(config["max_position_embeddings"]),
                      type_vocab_size=int(config.get("type_vocab_size", 2)), fusion_from=fusion_from,
                      cross_every=every, encoder_width=encoder_width, pooler=f"{prefix}pooler.dense.weight" in state)
+
+
+HEAD_DIM = 64  # BERT's (base 768 / 12, large 1024 / 16): the heads of a checkpoint unless told
+
+
+def text_prefix(state: dict[str, np.ndarray], base: str) -> str:
+    """Where the BERT sits under `base`: "bert." in BertForMaskedLM, "" in a bare BertModel."""
+    if any(key.startswith(f"{base}roberta.") for key in state):
+        raise ConvertError(f"{base}roberta.*: RoBERTa text encoders are not supported")
+    return "bert." if any(key.startswith(f"{base}bert.") for key in state) else ""
+
+
+def fusion_sizes(state: dict[str, np.ndarray], base: str, heads: int | None, what: str) -> BertSizes:
+    """The sizes of the fusion BERT under `base` of a whole-model checkpoint (X2-VLM, UIT), read from its shapes:
+    heads are `heads` or width / 64 (no shape holds them), no pooler, cross-attention in every layer from the first
+    that has it. A missing tensor is a ConvertError saying the checkpoint is not `what`."""
+    def get(key: str) -> np.ndarray:
+        if f"{base}{prefix}{key}" not in state:
+            raise ConvertError(f"missing key '{base}{prefix}{key}' (not {what}?)")
+        return state[f"{base}{prefix}{key}"]
+
+    prefix = text_prefix(state, base)
+    vocab, width = get("embeddings.word_embeddings.weight").shape
+    if heads is None and width % HEAD_DIM:
+        raise ConvertError(f"the BERT is {width} wide, no multiple of {HEAD_DIM}-wide heads: give its head count "
+                           f"with --heads")
+    heads = heads or width // HEAD_DIM
+    if width % heads:
+        raise ConvertError(f"--heads {heads} does not divide the BERT's width {width}")
+    view = under(state, base)
+    hf = {"vocab_size": vocab, "hidden_size": width, "num_attention_heads": heads,
+          "num_hidden_layers": count_indexed(view, rf"{prefix}encoder\.layer\.(\d+)\.attention\.self\.query\.weight$"),
+          "intermediate_size": get("encoder.layer.0.intermediate.dense.weight").shape[0],
+          "max_position_embeddings": get("embeddings.position_embeddings.weight").shape[0],
+          "type_vocab_size": get("embeddings.token_type_embeddings.weight").shape[0]}
+    text = dataclasses.replace(sizes_from_hf(hf, view, prefix), pooler=False)  # BertForMaskedLM has no pooler
+    if text.cross_every != 1:
+        raise ConvertError(f"cross-attention every {text.cross_every} layers; {what} has it in every layer from "
+                           f"fusion_layer on")
+    return text
+
+
+def read_hf_bert(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json, weights) of a Hugging Face BERT folder, TF-era LayerNorm names (`LayerNorm.gamma` / `.beta`, as
+    bert-base-uncased's files hold) renamed as transformers renames them on load."""
+    state = load_hf_weights(folder)
+    state = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
+             for k, v in state.items()}
+    return read_json(folder / "config.json"), state
 
 
 def _linear(ours: str, theirs: str) -> list[tuple[str, str, bool]]:
@@ -165,7 +214,7 @@ def import_bert(src: str | Path, out: str | Path) -> Path:
     src = Path(src)
     if not (src / "config.json").is_file():
         raise ConvertError(f"{src} is not a Hugging Face BERT folder: config.json is missing")
-    config, state = read_json(src / "config.json"), load_hf_weights(src)
+    config, state = read_hf_bert(src)
     prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
     sizes = sizes_from_hf(config, state, prefix)
     mlm = "cls.predictions.bias" in state

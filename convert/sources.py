@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,28 @@ def load_wrapped_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
         raise ConvertError(f"{path} holds a {type(loaded).__name__}, not a state dict")
     wrapper = next((key for key in STATE_WRAPPERS if isinstance(loaded.get(key), dict)), None)
     return to_numpy(loaded[wrapper] if wrapper else loaded, path), loaded if wrapper else {}
+
+
+def under(state: dict[str, Any], base: str) -> dict[str, Any]:
+    """The entries whose key starts with `base`, keyed without it."""
+    return {key[len(base):]: value for key, value in state.items() if key.startswith(base)}
+
+
+def count_indexed(state: dict[str, Any], pattern: str) -> int:
+    """1 + the largest integer the regex `pattern` captures in a key (0 when none matches): a layer count."""
+    found = {int(m.group(1)) for key in state if (m := re.match(pattern, key))}
+    return max(found) + 1 if found else 0
+
+
+def listed(keys: list[str]) -> str:
+    """The first 20 keys, comma-separated, and how many there are in all when more."""
+    more = f" ... ({len(keys)} in all)" if len(keys) > 20 else ""
+    return ", ".join(keys[:20]) + more
+
+
+def head_pairs(ours: str, theirs: str, kind: str) -> list[tuple[str, str, bool]]:
+    """(our path, their key, transposed) of a torch Linear ("linear": weight transposed to our kernel) or LayerNorm
+    ("norm": weight to our scale) and its bias."""
+    weight = (f"{ours}/kernel", f"{theirs}.weight", True) if kind == "linear" else (f"{ours}/scale",
+                                                                                    f"{theirs}.weight", False)
+    return [weight, (f"{ours}/bias", f"{theirs}.bias", False)]

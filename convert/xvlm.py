@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from convert import ConvertError
-from convert.bert import BertSizes, flat_from_hf, name_pairs, sizes_from_hf
-from convert.sources import load_wrapped_state
+from convert.bert import BertSizes, flat_from_hf, fusion_sizes, name_pairs, text_prefix
+from convert.sources import count_indexed, head_pairs, listed, load_wrapped_state, under
 from jaxretrieval.checkpoint import write_model
 from jaxretrieval.config import Config, load_config, to_dict
 from jaxretrieval.data.wordpiece import WordPieceTokenizer
@@ -41,7 +41,6 @@ SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 # Parts of the original models that ours leaves out; their keys are skipped and counted.
 LEFT_OUT = ("cnn_encoder.", "pret_model.", "cross_encoder.", "bbox_head.", "classifier.")
 BUFFERS = re.compile(r"(^|\.)(relative_position_index|position_ids|k_bias)$")
-HEAD_DIM = 64  # BERT's (base 768 / 12, large 1024 / 16): the text heads unless --heads says otherwise
 CONTEXT_LENGTH = 40  # X2-VLM / CFACK retrieval's max_tokens
 RERANK_K = 128  # their k_test: ITM re-ranks each caption's top 128 images
 # (our path, their name, kind): linear weights are transposed, LayerNorm weights are our scales.
@@ -72,31 +71,10 @@ def read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return state, config if isinstance(config, dict) else {}
 
 
-def _listed(keys: list[str]) -> str:
-    more = f" ... ({len(keys)} in all)" if len(keys) > 20 else ""
-    return ", ".join(keys[:20]) + more
-
-
 def _get(state: dict[str, np.ndarray], key: str) -> np.ndarray:
     if key not in state:
         raise ConvertError(f"missing key '{key}' (not an X2-VLM or CFACK checkpoint with a BEiT-2 vision tower?)")
     return state[key]
-
-
-def _count(state: dict[str, Any], pattern: str) -> int:
-    found = {int(m.group(1)) for key in state if (m := re.match(pattern, key))}
-    return max(found) + 1 if found else 0
-
-
-def text_prefix(state: dict[str, np.ndarray], base: str) -> str:
-    """Where the BERT sits under `base`: "bert." in BertForMaskedLM, "" in a bare BertModel."""
-    if any(key.startswith(f"{base}roberta.") for key in state):
-        raise ConvertError(f"{base}roberta.*: RoBERTa text encoders (multilingual X2-VLM) are not supported")
-    return "bert." if any(key.startswith(f"{base}bert.") for key in state) else ""
-
-
-def _under(state: dict[str, np.ndarray], base: str) -> dict[str, np.ndarray]:
-    return {key[len(base):]: value for key, value in state.items() if key.startswith(base)}
 
 
 def infer_sizes(state: dict[str, np.ndarray], heads: int | None = None) -> XVLMSizes:
@@ -111,29 +89,12 @@ def infer_sizes(state: dict[str, np.ndarray], heads: int | None = None) -> XVLMS
     if side % 2 == 0 or side * side + EXTRA_ROWS != table.shape[0]:
         raise ConvertError(f"a relative position table of {table.shape[0]} rows is not for a square patch grid")
     fc1 = _get(state, f"{VISION}blocks.0.mlp.fc1.weight").shape[0]
-    prefix = text_prefix(state, TEXT)
-    view = _under(state, TEXT)
-    vocab, text_width = _get(state, f"{TEXT}{prefix}embeddings.word_embeddings.weight").shape
-    if heads is None and text_width % HEAD_DIM:
-        raise ConvertError(f"the BERT is {text_width} wide, no multiple of {HEAD_DIM}-wide heads: give its "
-                           f"head count with --heads")
-    heads = heads or text_width // HEAD_DIM
-    if text_width % heads:
-        raise ConvertError(f"--heads {heads} does not divide the BERT's width {text_width}")
-    hf = {"vocab_size": vocab, "hidden_size": text_width, "num_attention_heads": heads,
-          "num_hidden_layers": _count(view, rf"{prefix}encoder\.layer\.(\d+)\.attention\.self\.query\.weight$"),
-          "intermediate_size": _get(state, f"{TEXT}{prefix}encoder.layer.0.intermediate.dense.weight").shape[0],
-          "max_position_embeddings": _get(state, f"{TEXT}{prefix}embeddings.position_embeddings.weight").shape[0],
-          "type_vocab_size": _get(state, f"{TEXT}{prefix}embeddings.token_type_embeddings.weight").shape[0]}
-    text = dataclasses.replace(sizes_from_hf(hf, view, prefix), pooler=False)  # X2-VLM's BERT has no pooler
-    if text.cross_every != 1:
-        raise ConvertError(f"cross-attention every {text.cross_every} layers; X2-VLM's BERT has it in every layer "
-                           f"from fusion_layer on")
+    text = fusion_sizes(state, TEXT, heads, "an X2-VLM or CFACK checkpoint")
     if text.encoder_width not in (None, width):
         raise ConvertError(f"the cross-attention reads {text.encoder_width}-wide image tokens; the vision tower "
                            f"is {width} wide")
     return XVLMSizes(image_size=(side + 1) // 2 * patch, patch_size=patch, width=width,
-                     layers=_count(state, rf"{re.escape(VISION)}blocks\.(\d+)\."), heads=table.shape[1],
+                     layers=count_indexed(state, rf"{re.escape(VISION)}blocks\.(\d+)\."), heads=table.shape[1],
                      mlp_ratio=fc1 / width, embed_dim=_get(state, "vision_proj.weight").shape[0],
                      itm_hidden=_get(state, "itm_head.0.weight").shape[0], text=text,
                      mlm=f"{TEXT}cls.predictions.bias" in state,
@@ -188,12 +149,6 @@ def build_config(s: XVLMSizes, saved: dict[str, Any] | None = None) -> Config:
     return load_config(None, [*overrides, f"model.name={name}"], source="converted X2-VLM config", notices=False)
 
 
-def _head_pairs(ours: str, theirs: str, kind: str) -> list[tuple[str, str, bool]]:
-    weight = (f"{ours}/kernel", f"{theirs}.weight", True) if kind == "linear" else (f"{ours}/scale",
-                                                                                    f"{theirs}.weight", False)
-    return [weight, (f"{ours}/bias", f"{theirs}.bias", False)]
-
-
 class Layout:
     """Where each tensor of the checkpoint goes: the keys read (`needed`; `optional` where a shared table stands in
     for the per-block ones) and the flat {our per-layer path: array}."""
@@ -209,8 +164,8 @@ class Layout:
         self.text("text", TEXT, s.text, s.mlm)
         layers = s.text.fusion_from
         self.text("momentum/text", self.text_m, dataclasses.replace(s.text, layers=layers, fusion_from=layers), False)
-        pairs = [p for ours, theirs, kind in HEADS for p in _head_pairs(ours, theirs, kind)]
-        pairs += [p for name in ("vision_proj", "text_proj") for p in _head_pairs(f"momentum/{name}", name + m,
+        pairs = [p for ours, theirs, kind in HEADS for p in head_pairs(ours, theirs, kind)]
+        pairs += [p for name in ("vision_proj", "text_proj") for p in head_pairs(f"momentum/{name}", name + m,
                                                                                     "linear")]
         for ours, theirs, transposed in [*pairs, ("temp", "temp", False)]:
             self.needed.add(theirs)
@@ -238,7 +193,7 @@ class Layout:
         pairs = name_pairs(sizes, prefix, mlm)
         self.needed |= {base + theirs for _, theirs, _ in pairs}
         if all(base + theirs in self.state for _, theirs, _ in pairs):
-            flat = flat_from_hf(_under(self.state, base), sizes, prefix, mlm)
+            flat = flat_from_hf(under(self.state, base), sizes, prefix, mlm)
             self.flat.update({(f"mlm_head/{k[4:]}" if k.startswith("mlm/") else f"{ours}/{k}"): v
                               for k, v in flat.items()})
 
@@ -266,12 +221,12 @@ def check_keys(layout: Layout, where: str) -> Counter:
     state = layout.state
     missing = sorted(layout.needed - layout.optional - state.keys())
     if missing:
-        raise ConvertError(f"{where}: {len(missing)} required keys missing: {_listed(missing)}")
+        raise ConvertError(f"{where}: {len(missing)} required keys missing: {listed(missing)}")
     reasons = {key: layout.left_out(key) for key in sorted(state.keys() - layout.needed - layout.optional)}
     unexpected = [key for key, reason in reasons.items() if reason is None]
     if unexpected:
         raise ConvertError(f"{where}: {len(unexpected)} unexpected keys (no place in system cfack's XVLM): "
-                           f"{_listed(unexpected)}")
+                           f"{listed(unexpected)}")
     return Counter(reasons.values())
 
 
