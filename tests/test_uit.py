@@ -232,10 +232,16 @@ print("ok", m1["loss"])
     assert run_python(code, devices=8).stdout.startswith("ok")
 
 
-def test_run_reranks_and_resumes_bit_identically(pedes_root: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def uit_run(pedes_root: Path, tmp_path_factory) -> tuple[Path, dict]:
     config = uit_config(pedes_root)
-    whole = tmp_path / "whole"
-    result = train.train(config, whole)
+    workdir = tmp_path_factory.mktemp("uit") / "whole"
+    return workdir, train.train(config, workdir)
+
+
+def test_run_reranks_and_resumes_bit_identically(pedes_root: Path, uit_run, tmp_path: Path) -> None:
+    config = uit_config(pedes_root)
+    whole, result = uit_run
     for key in ("R1", "mAP", "rerank_R1", "rerank_mAP"):
         assert 0 <= result[key] <= 100, key
     assert result["rerank_k"] == 4
@@ -255,3 +261,62 @@ def test_run_reranks_and_resumes_bit_identically(pedes_root: Path, tmp_path: Pat
     a, b = params(whole), params(resumed)
     assert not np.allclose(np.asarray(a["vision_proj"]["norm"]["mean"]), 0)  # batch-norm statistics moved
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_predict_writes_itc_scores_and_itm_rescores(pedes_root: Path, uit_run, tmp_path: Path) -> None:
+    """What the PAB ensemble needs from UIT: its ITC matrix, and the ITM logits of each query's top k, of its own
+    ranking or of another scorer's (the rest of a row at its lowest re-score), with query ids and sorted stems."""
+    from jaxretrieval import predict
+    from jaxretrieval.data.pipeline import caption_source, make_preprocess
+    from jaxretrieval.retrieval.fusion import ScoreMatrix, load_scores, save_scores
+
+    workdir, _ = uit_run
+    config = evaluate.saved_config(workdir)
+    records = caption_source(config, pedes_root, "test").records[:10]
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    stems: dict[str, str] = {}
+    for record in records:
+        if record.image not in stems:
+            stems[record.image] = f"g{len(stems):02d}"
+            shutil.copy(record.image, gallery / f"{stems[record.image]}{Path(record.image).suffix}")
+    queries = tmp_path / "query.json"
+    queries.write_text("".join(json.dumps({"query_index": f"q{i}", "caption": r.caption}) + "\n"
+                               for i, r in enumerate(records)))
+    k = 3
+    assert predict.main(["--checkpoint", str(workdir), "--queries", str(queries), "--gallery", str(gallery),
+                         "--output-dir", str(tmp_path / "own"), "--itm-k", str(k), "--batch-size", "8"]) == 0
+    itc, itm = load_scores(tmp_path / "own" / "scores.npz"), load_scores(tmp_path / "own" / "itm_scores.npz")
+    assert itm.query_ids == itc.query_ids == [f"q{i}" for i in range(len(records))]
+    assert itm.gallery_ids == itc.gallery_ids == sorted(stems.values())
+
+    mesh = make_mesh(config.mesh)
+    graphdef, params, meta = evaluate.restore_params(config, workdir, mesh)
+    model = nnx.merge(graphdef, params)
+    paths = {stem: image for image, stem in stems.items()}
+    pixels = jnp.asarray(np.stack([make_preprocess(config)(paths[stem]) for stem in itm.gallery_ids]))
+    from jaxretrieval.data.tokenizers import build_tokenizer
+
+    tokens = jnp.asarray(build_tokenizer(meta["tokenizer"])([r.caption for r in records]))
+    image_tokens, hidden = model.image_tokens(pixels), model.text_hidden(tokens)
+    np.testing.assert_allclose(itc.scores, np.asarray(model.text_features(hidden) @ model.image_features(
+        image_tokens).T), atol=1e-5)
+    dense = np.stack([np.asarray(model.match_logits(hidden, model.keep(tokens), jnp.repeat(image_tokens[j:j + 1],
+                                                                                           len(records), 0))[:, 1])
+                      for j in range(len(stems))], axis=1)
+
+    def expected(first: np.ndarray) -> np.ndarray:
+        top = np.argsort(-first, axis=1, kind="stable")[:, :k]
+        kept = np.take_along_axis(dense, top, axis=1)
+        want = np.repeat(kept.min(axis=1, keepdims=True), dense.shape[1], axis=1)
+        np.put_along_axis(want, top, kept, axis=1)
+        return want
+
+    np.testing.assert_allclose(itm.scores, expected(itc.scores), atol=1e-4)
+    # Another scorer's candidates, saved in its own gallery order: aligned by stem before its top k is taken.
+    other = np.random.default_rng(0).normal(size=itc.scores.shape).astype(np.float32)
+    save_scores(ScoreMatrix(other[:, ::-1], itc.query_ids, itc.gallery_ids[::-1], "lhp"), tmp_path / "lhp.npz")
+    assert predict.main(["--checkpoint", str(workdir), "--queries", str(queries), "--gallery", str(gallery),
+                         "--output-dir", str(tmp_path / "lhp"), "--itm-k", str(k), "--itm-candidates",
+                         str(tmp_path / "lhp.npz"), "--batch-size", "8"]) == 0
+    np.testing.assert_allclose(load_scores(tmp_path / "lhp" / "itm_scores.npz").scores, expected(other), atol=1e-4)
