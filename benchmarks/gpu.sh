@@ -26,7 +26,7 @@ run() {  # run NAME CAP_SECONDS COMMAND...
   local began=$SECONDS
   timeout --kill-after=10 "$cap" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
-  grep -E '^\||start-up|groups|rounds|jax [0-9]|agreement|exact top-k|not run|BERT-base|UIT|JPEGs' "$OUT/$name.log" >>"$OUT/summary.log"
+  grep -E '^\||start-up|groups|rounds|jax [0-9]|agreement|exact top-k|not run|BERT-base|UIT|JPEGs|index:' "$OUT/$name.log" >>"$OUT/summary.log"
   [ "$rc" -ne 0 ] && tail -n 5 "$OUT/$name.log" >>"$OUT/summary.log"
   echo "rc=$rc ($((SECONDS - began)) s)" >>"$OUT/summary.log"
 }
