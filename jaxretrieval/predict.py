@@ -35,15 +35,17 @@ OUTPUTS = ("submission.txt", "scores.npz", "metrics.json", "itm_scores.npz")
 
 def predict(checkpoint_path: str | Path, queries: str | Path, gallery: str | Path, *, top_k: int = 10,
             labels: str | None = None, batch_size: int = 256, workers: int = 0, itm_k: int = 0,
-            itm_candidates: str | Path | None = None) -> dict[str, bytes]:
-    """Every output file's bytes, computed before anything is written."""
+            itm_candidates: str | Path | ScoreMatrix | None = None) -> dict[str, bytes]:
+    """Every output file's bytes, computed before anything is written. itm_candidates: a score file, or a matrix."""
     config = saved_config(checkpoint_path, [f"data.workers={workers}", f"eval.batch_size={batch_size}"])
     system = get_system(config.system)
-    if (itm_k or itm_candidates) and not system.reranks:
+    if (itm_k or itm_candidates is not None) and not system.reranks:
         raise ConfigError(f"--itm-k: system {config.system} has no ITM head (systems with one: uit, cfack)")
-    if itm_candidates and not itm_k:
+    if itm_candidates is not None and not itm_k:
         raise ConfigError("--itm-candidates needs --itm-k (how many of each query's candidates to re-score)")
-    candidates = load_score_file(itm_candidates, "--itm-candidates") if itm_candidates else None
+    candidates = itm_candidates
+    if isinstance(itm_candidates, str | Path):
+        candidates = load_score_file(itm_candidates, "--itm-candidates")
     query_ids, captions = read_queries(queries)
     stems, paths = gallery_images(gallery)
     mesh = make_mesh(config.mesh)

@@ -16,6 +16,7 @@ Ids beside `NAME.npy`/`NAME.pt` come from `NAME.json` ({"query_ids": [...], "gal
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -145,6 +146,13 @@ def load_scores(path: str | Path, name: str | None = None) -> ScoreMatrix:
     if ids is None:
         ids = _ids_beside(path)
     return ScoreMatrix(scores, ids[0], ids[1], name=name or path.stem, source=str(path))
+
+
+def scores_from_bytes(data: bytes, name: str) -> ScoreMatrix:
+    """A matrix `save_scores` wrote, from its bytes (what predict returns before anything is written)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        ids = _id_list(arrays["query_ids"], "query_ids"), _id_list(arrays["gallery_ids"], "gallery_ids")
+        return ScoreMatrix(arrays["scores"], ids[0], ids[1], name=name)
 
 
 def save_scores(matrix: ScoreMatrix, path: str | Path | IO[bytes]) -> None:
