@@ -320,3 +320,18 @@ def test_predict_writes_itc_scores_and_itm_rescores(pedes_root: Path, uit_run, t
                          "--output-dir", str(tmp_path / "lhp"), "--itm-k", str(k), "--itm-candidates",
                          str(tmp_path / "lhp.npz"), "--batch-size", "8"]) == 0
     np.testing.assert_allclose(load_scores(tmp_path / "lhp" / "itm_scores.npz").scores, expected(other), atol=1e-4)
+
+
+def test_swin_l_override_builds_timms_swin_large():
+    """The README's Swin-L line (the original's config_swinL.json) gives timm's swin_large_patch4_window12_384 tower."""
+    timm = pytest.importorskip("timm")
+    from jaxretrieval.models import abstract_model
+
+    config = load_config(REPO / "configs" / "pab" / "uit_swinb.yaml", [
+        "model.image.image_size=384", "model.image.width=192", "uit.swin_heads=[6,12,24,48]", "uit.swin_window=12"])
+    _, abstract = abstract_model(config)
+    ours = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract["vision"]))
+    reference = timm.models.swin_transformer.SwinTransformer(
+        img_size=384, patch_size=4, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12,
+        num_classes=0)
+    assert ours == sum(p.numel() for p in reference.parameters())
