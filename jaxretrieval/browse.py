@@ -41,6 +41,7 @@ from jaxretrieval.errors import (
     parse_command_line,
     probe_output_folder,
 )
+from jaxretrieval.retrieval.embed import text_image_scores
 from jaxretrieval.retrieval.metrics import JUNK_PID, _rank_all, image_text_recall, ranking_metrics, reid_metrics
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,8 @@ def model_rankings(config: Any, checkpoint_path: str, split: str | None) -> tupl
     records = [r for r, kept in zip(source.records, kept_texts, strict=True) if kept]
     captions = [Item(os.path.basename(source.where(r)), text=r.caption) for r in records]
     images = [Item(Path(p).name, image=p) for p, kept in zip(inputs.images.paths, kept_images, strict=True) if kept]
-    rankings, metrics = text_rankings(protocol, text_emb @ image_emb.T, captions, images, text_groups, image_groups)
+    rankings, metrics = text_rankings(protocol, text_image_scores(text_emb, image_emb), captions, images, text_groups,
+                                      image_groups)
     return rankings, metrics, [*details, ("split", split)]
 
 

@@ -28,6 +28,7 @@ from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.errors import DataError, OutputPathError, command, parse_command_line, probe_file
 from jaxretrieval.models import abstract_model
 from jaxretrieval.retrieval import embed_all, evaluate_reid, image_text_recall
+from jaxretrieval.retrieval.embed import text_image_scores
 from jaxretrieval.retrieval.metrics import image_text_recall_topk, ranking_metrics
 from jaxretrieval.retrieval.rerank import RerankSpec, rerank_matrix
 from jaxretrieval.retrieval.similarity import topk_similarity
@@ -77,7 +78,7 @@ def evaluate_retrieval(graphdef: nnx.GraphDef, params: dict, inputs: EvalInputs,
     if protocol == "text_to_image":
         # mAP and mINP need the rank of every relevant image, so this scores the whole (captions, images) matrix.
         relevant = text_groups[:, None] == image_groups[None, :]
-        scores = text_emb @ image_emb.T
+        scores = text_image_scores(text_emb, image_emb)
         metrics = ranking_metrics(scores, relevant, RECALL_AT)
         if rerank is not None:
             metrics.update(rerank_metrics(params, scores, relevant, text_inputs, image_inputs, inputs.kept_rows(),

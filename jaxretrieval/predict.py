@@ -24,7 +24,7 @@ from jaxretrieval.data.tokenizers import build_tokenizer
 from jaxretrieval.errors import ConfigError, DataError, command, parse_command_line, probe_output_folder
 from jaxretrieval.evaluate import embed_inputs, restore_params, saved_config
 from jaxretrieval.fuse import ranking_outputs, report_written, show_metrics, write_outputs
-from jaxretrieval.retrieval.embed import embed_all
+from jaxretrieval.retrieval.embed import embed_all, text_image_scores
 from jaxretrieval.retrieval.fusion import ScoreMatrix, align, load_scores, save_scores
 from jaxretrieval.retrieval.rerank import rerank_matrix
 from jaxretrieval.sharding import make_mesh
@@ -54,12 +54,13 @@ def predict(checkpoint_path: str | Path, queries: str | Path, gallery: str | Pat
     images = GalleryImages(paths, make_preprocess(config), threads=workers)
     if not itm_k:
         image_emb, text_emb = embed_inputs(graphdef, params, images, tokens, mesh, batch_size)
-        matrix = ScoreMatrix(text_emb @ image_emb.T, query_ids, stems, name=Path(checkpoint_path).name)
+        matrix = ScoreMatrix(text_image_scores(text_emb, image_emb), query_ids, stems,
+                             name=Path(checkpoint_path).name)
         return ranking_outputs(matrix, "scores.npz", top_k, labels)
     encoder = system.cross_encoder(config, graphdef, mesh)
     image_emb, image_inputs = embed_all(lambda x: encoder.image(params, x), images, batch_size, mesh)
     text_emb, text_inputs = embed_all(lambda t: encoder.text(params, t), tokens, batch_size, mesh)
-    matrix = ScoreMatrix(text_emb @ image_emb.T, query_ids, stems, name=Path(checkpoint_path).name)
+    matrix = ScoreMatrix(text_image_scores(text_emb, image_emb), query_ids, stems, name=Path(checkpoint_path).name)
     try:
         first = align([matrix, candidates])[1].scores if candidates is not None else matrix.scores
     except ValueError as e:

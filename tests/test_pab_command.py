@@ -1,6 +1,6 @@
-"""`python -m jaxretrieval.pab`: the seed's whole inference on a tiny PAB-shaped test set with tiny scorers (LHP,
-UIT, CLIP; BLIP-2 left out, so its term drops out): each scorer's matrix, UIT's ITM re-scores of LHP's top k, and the
-fused ranking against a numpy transcription of the ensemble formula, with sorted gallery stems."""
+"""`python -m jaxretrieval.pab`: the seed's whole inference on a tiny PAB-shaped test set with four tiny scorers (LHP,
+UIT, BLIP-2, CLIP): each scorer's matrix, UIT's ITM re-scores of LHP's top k, and the fused ranking against a numpy
+transcription of the ensemble formula, with sorted gallery stems; a scorer left out drops out with its weight."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def pab_set(tmp_path_factory, demo_root):
     checkpoints = {
         "lhp": scorer(tmp, "beit3_tiny.yaml", [f"data.root={demo_root}"]),
         "uit": scorer(tmp, "uit_tiny.yaml", [f"data.root={pedes}"]),
+        "blip2": scorer(tmp, "blip2_tiny.yaml", [f"data.root={pedes}", "blip2.query_reduce=first"]),
         "clip": scorer(tmp, "clip_tiny.yaml", [f"data.root={demo_root}"]),
     }
     return queries, gallery, labels, checkpoints, sorted(stems.values())
@@ -64,18 +65,20 @@ def minmax(x: np.ndarray) -> np.ndarray:
     return (x - x.min()) / (x.max() - x.min())
 
 
-def test_pab_command_fuses_as_the_formula_and_drops_a_missing_scorer(pab_set, tmp_path, capsys):
+def test_pab_command_fuses_four_scorers_as_the_formula(pab_set, tmp_path, capsys):
     queries, gallery, labels, ckpt, stems = pab_set
     out = tmp_path / "out"
     w1, w2, w3, k = 0.7, 0.8, 0.6, 3
     assert pab.main(["--queries", str(queries), "--gallery", str(gallery), "--lhp", str(ckpt["lhp"]), "--uit",
-                     str(ckpt["uit"]), "--clip", str(ckpt["clip"]), "--out", str(out), "--weights", f"w1={w1}",
-                     f"w2={w2}", f"w3={w3}", "--rerank-k", str(k), "--labels", str(labels), "--batch-size", "8"]) == 0
+                     str(ckpt["uit"]), "--blip2", str(ckpt["blip2"]), "--clip", str(ckpt["clip"]), "--out", str(out),
+                     "--weights", f"w1={w1}", f"w2={w2}", f"w3={w3}", "--rerank-k", str(k), "--labels", str(labels),
+                     "--batch-size", "8"]) == 0
     err = capsys.readouterr().err
-    assert "no --blip2: its term drops out" in err and "UIT re-scores LHP top 3" in err
+    assert "drops out" not in err and "UIT re-scores LHP top 3" in err
     lhp, clip = load_scores(out / "lhp" / "scores.npz"), load_scores(out / "clip" / "scores.npz")
+    blip2 = load_scores(out / "blip2" / "scores.npz")
     itm = load_scores(out / "uit" / "itm_scores.npz")
-    for matrix in (lhp, clip, itm, load_scores(out / "uit" / "scores.npz")):
+    for matrix in (lhp, clip, blip2, itm, load_scores(out / "uit" / "scores.npz")):
         assert matrix.gallery_ids == stems and matrix.query_ids == [str(i) for i in range(8)]
     # UIT re-scored exactly LHP's top k of each row; the rest sits at the row's lowest re-score.
     top = np.argsort(-lhp.scores, axis=1, kind="stable")[:, :k]
@@ -83,16 +86,17 @@ def test_pab_command_fuses_as_the_formula_and_drops_a_missing_scorer(pab_set, tm
     np.put_along_axis(rest, top, False, axis=1)
     row_min = np.take_along_axis(itm.scores, top, axis=1).min(axis=1, keepdims=True)
     np.testing.assert_array_equal(np.where(rest, itm.scores, row_min), np.broadcast_to(row_min, itm.scores.shape))
-    # S = {[(1-w1) N(itm) + w1 N(lhp)] w2 + (1-w2) N(blip2)} w3 + (1-w3) N(clip), the BLIP-2 term dropped.
-    want = ((1 - w1) * minmax(itm.scores) + w1 * minmax(lhp.scores)) * w2 * w3 + (1 - w3) * minmax(clip.scores)
+    # S = {[(1-w1) N(itm) + w1 N(lhp)] w2 + (1-w2) N(blip2)} w3 + (1-w3) N(clip)
+    want = (((1 - w1) * minmax(itm.scores) + w1 * minmax(lhp.scores)) * w2 + (1 - w2) * minmax(blip2.scores)) * w3 \
+        + (1 - w3) * minmax(clip.scores)
     fused = load_scores(out / "fused.npz")
     np.testing.assert_allclose(fused.scores, want, rtol=1e-5, atol=1e-6)
     assert json.loads((out / "weights.json").read_text()) == pytest.approx(
-        {"itm": (1 - w1) * w2 * w3, "lhp": w1 * w2 * w3, "clip": 1 - w3})
+        {"itm": (1 - w1) * w2 * w3, "lhp": w1 * w2 * w3, "blip2": (1 - w2) * w3, "clip": 1 - w3})
     lines = (out / "submission.txt").read_text().splitlines()
     assert [line.split() for line in lines] == [[stems[j] for j in np.argsort(-row, kind="stable")[:10]]
                                                 for row in want]
-    for name in ("", "lhp", "uit", "clip"):
+    for name in ("", "lhp", "uit", "blip2", "clip"):
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert 0 <= metrics["R1"] <= 100 and 0 <= metrics["mAP"] <= 100
     assert not any(p.name.startswith(".") for p in out.iterdir())
@@ -110,3 +114,13 @@ def test_pab_command_errors_before_scoring(pab_set, tmp_path, capsys):
     assert pab.main([*base, "--uit", str(ckpt["clip"])]) == 2  # a CLIP checkpoint has no ITM head
     assert "has no ITM head" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_missing_scorers_drop_out_with_their_weight():
+    full = pab.ensemble_weights({"itm", "lhp", "blip2", "clip"}, 0.925, 0.9, 0.9)
+    assert sum(full.values()) == pytest.approx(1.0)
+    assert pab.ensemble_weights({"itm", "lhp", "clip"}, 0.925, 0.9, 0.9) == {k: v for k, v in full.items()
+                                                                             if k != "blip2"}
+    assert set(pab.ensemble_weights({"clip"}, 0.925, 0.9, 0.9)) == {"clip"}
+    with pytest.raises(Exception, match="weight 0"):
+        pab.ensemble_weights({"clip"}, 0.925, 0.9, 1.0)

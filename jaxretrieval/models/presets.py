@@ -57,6 +57,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "uit_tiny": {"family": "uit", "embed_dim": 32,
                  "image": {"image_size": 64, "patch_size": 4, "width": 16},
                  "text": {"context_length": 32, "vocab_size": 160, "width": 32, "layers": 4, "heads": 2}},
+    # BLIP-2 pretrain_vitL: LAVIS's clip_L (ViT-L/14 at 224, 23 of its 24 blocks, QuickGELU) + the Q-Former (BERT-base
+    # with [DEC]: 30523 ids, cross-attention every other layer, 32 queries), ITC width 256, 32 tokens (max_txt_len).
+    "blip2_pretrain_vitl": {"family": "blip2", "embed_dim": 256, "activation": "quick_gelu",
+                            "image": {"image_size": 224, "patch_size": 14, "width": 1024, "layers": 23, "heads": 16},
+                            "text": {"context_length": 32, "vocab_size": 30523, "width": 768, "layers": 12,
+                                     "heads": 12}},
+    # BLIP-2 at test / CPU-demo size, the text-person demo's WordPiece vocabulary.
+    "blip2_tiny": {"family": "blip2", "embed_dim": 32, "activation": "quick_gelu",
+                   "image": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "heads": 2},
+                   "text": {"context_length": 32, "vocab_size": 160, "width": 32, "layers": 4, "heads": 2}},
     # Small enough for the test suite and the CPU demo; the text side follows the demo tokenizer.
     "tiny": {
         "embed_dim": 64,

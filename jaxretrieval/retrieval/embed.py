@@ -32,3 +32,11 @@ def embed_all(encode: Callable[[jax.Array], Any], inputs: np.ndarray, batch_size
         gathered = multihost_utils.process_allgather(result, tiled=True)
         outputs.append(jax.tree.map(lambda r, n=rows: np.asarray(r)[:n], gathered))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def text_image_scores(text_emb: np.ndarray, image_emb: np.ndarray) -> np.ndarray:
+    """(texts, images) scores: dot products of single-vector embeddings, or for multi-vector images (images, vectors,
+    d) (BLIP-2's query tokens) each image's best vector (the max over its vectors)."""
+    if image_emb.ndim == 3:
+        return np.einsum("td,iqd->tiq", text_emb, image_emb).max(axis=-1)
+    return text_emb @ image_emb.T

@@ -20,6 +20,7 @@ SYSTEMS: dict[str, str] = {
     "cusa": "jaxretrieval.systems.cusa",
     "cfack": "jaxretrieval.systems.cfack",
     "uit": "jaxretrieval.systems.uit",
+    "blip2": "jaxretrieval.systems.blip2",
 }
 _REGISTERED: dict[str, System] = {}
 
