@@ -11,6 +11,10 @@
   python -m convert swin SRC OUT [--bert FOLDER] [--vocab PATH] [--fusion-from N]
                                    (a Microsoft / timm Swin + a Hugging Face BERT: UIT's initial weights, a partial
                                     checkpoint for train.init_from)
+  python -m convert blip2 SRC OUT [--vocab PATH] [--vision CLIP] [--qformer-hf FOLDER] [--heads N] [--vision-heads N]
+                                  [--vision-layers N] [--image-size N]
+                                  (LAVIS BLIP-2 pretrain_vitL: system blip2; SRC a Hugging Face Q-Former folder: a
+                                   partial checkpoint for train.init_from)
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from jaxretrieval.errors import add_verbose, command, parse_command_line, probe_
 # The packages each command needs before it reads anything (reading a .safetensors source also needs safetensors).
 NEEDS = {"clip": ("torch",), "beit3": ("torch",), "ctl": ("torch",), "clip-export": ("safetensors",),
          "bert": ("torch",), "bert-export": ("safetensors",), "xvlm": ("torch",), "uit": ("torch",),
-         "swin": ("torch",)}
+         "swin": ("torch",), "blip2": ("torch",)}
 WHAT = {"clip": "converted checkpoint", "beit3": "converted checkpoint", "ctl": "converted checkpoint",
         "clip-export": "exported model", "bert": "converted checkpoint", "bert-export": "exported model",
-        "xvlm": "converted checkpoint", "uit": "converted checkpoint", "swin": "partial checkpoint"}
+        "xvlm": "converted checkpoint", "uit": "converted checkpoint", "swin": "partial checkpoint",
+        "blip2": "converted checkpoint"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,9 +104,30 @@ def _parser() -> argparse.ArgumentParser:
     swin.add_argument("--vocab", help="the BERT vocab.txt to embed as the tokenizer (default: the --bert folder's)")
     swin.add_argument("--fusion-from", type=int, help="the first BERT layer that cross-attends to the image (default: "
                                                       "config.json's fusion_layer, else 6)")
+    blip2 = families.add_parser("blip2", help="a LAVIS BLIP-2 checkpoint (pretrain_vitL: CLIP ViT-L + Q-Former) -> a "
+                                              "system blip2 checkpoint; transformers' Q-Former weights")
+    blip2.add_argument("src", help="LAVIS's {'model': state_dict} .pth (or a bare state dict), or a Hugging Face "
+                                   "Blip2QFormerModel / Blip2ForImageTextRetrieval folder (its Q-Former only: a "
+                                   "partial checkpoint for train.init_from)")
+    blip2.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    blip2.add_argument("--vocab", help="BLIP-2's bert-base-uncased vocab.txt (or tokenizer.json); embedded in the "
+                                       "checkpoint (load and evaluate need it)")
+    blip2.add_argument("--vision", help="the CLIP the ViT comes from when SRC holds no visual_encoder.* (LAVIS saves "
+                                        "none with freeze_vit): OpenAI ViT-L-14.pt, an open_clip file or folder, a "
+                                        "Hugging Face CLIP folder or LAVIS's clip_vit_L.pth")
+    blip2.add_argument("--qformer-hf", metavar="FOLDER", help="a Hugging Face Blip2QFormerModel / "
+                                                              "Blip2ForImageTextRetrieval folder whose Q-Former "
+                                                              "(and heads, where it has them) replace SRC's")
+    blip2.add_argument("--heads", type=int, help="the Q-Former's attention heads (default: its width / 64)")
+    blip2.add_argument("--vision-heads", type=int, help="the ViT's attention heads (default: its CLIP config's, "
+                                                        "else its width / 64)")
+    blip2.add_argument("--vision-layers", type=int, help="the image blocks taken from --vision (default: 23 of a "
+                                                         "ViT-L, as LAVIS's clip_L; all but the last otherwise)")
+    blip2.add_argument("--image-size", type=int, help="resample the ViT's position grid to this input size, as "
+                                                      "LAVIS does (bicubic, corners aligned)")
     add_verbose(parser)
     # -v after the family name too, without resetting one given before it
-    for family in (clip, export, beit3, ctl, bert, bert_export, xvlm, uit, swin):
+    for family in (clip, export, beit3, ctl, bert, bert_export, xvlm, uit, swin, blip2):
         family.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help="show the traceback of an error")
     return parser
@@ -116,6 +142,12 @@ def check_out(out: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> str:
+    if args.command == "blip2":
+        from convert.blip2 import import_blip2
+
+        return str(import_blip2(args.src, args.out, vocab=args.vocab, vision=args.vision, qformer_hf=args.qformer_hf,
+                                heads=args.heads, vision_heads=args.vision_heads, vision_layers=args.vision_layers,
+                                image_size=args.image_size))
     if args.command in ("bert", "bert-export"):
         from convert.bert import export_bert, import_bert
 
