@@ -4,7 +4,8 @@
       --clip CKPT --out DIR [--weights w1=0.925 w2=0.9 w3=0.9] [--rerank-k 10] [--labels labels.json]
 
 Each scorer given ranks the gallery for every query on this host's devices (`predict`): LHP (BEiT-3), BLIP-2 and
-CLIP give their (queries, gallery) score matrices; UIT re-scores LHP's top `--rerank-k` gallery images per query with
+CLIP give their (queries, gallery) score matrices (BLIP-2 by its first query token, as the seed's scorer;
+`--blip2-reduce max` for BLIP-2's own ITC); UIT re-scores LHP's top `--rerank-k` gallery images per query with
 its ITM head (the rest of each row at its lowest re-score). The ensemble is the seed's iterative fusion,
 
     S = {[(1 - w1) N(ITM) + w1 N(LHP)] w2 + (1 - w2) N(BLIP-2)} w3 + (1 - w3) N(CLIP),  N: min-max over the matrix,
@@ -48,7 +49,8 @@ def run_scorers(args: argparse.Namespace) -> tuple[dict[str, dict[str, bytes]], 
     for name in ("lhp", "blip2", "clip"):
         if getattr(args, name):
             print(f"pab: scoring with {name} ({getattr(args, name)})", file=sys.stderr)
-            files[name] = predict(getattr(args, name), args.queries, args.gallery, **common)
+            overrides = [f"blip2.query_reduce={args.blip2_reduce}"] if name == "blip2" else []
+            files[name] = predict(getattr(args, name), args.queries, args.gallery, overrides=overrides, **common)
     matrices = {name: scores_from_bytes(out["scores.npz"], name) for name, out in files.items()}
     if args.uit:
         candidates = matrices.get("lhp")
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--weights", nargs="+", metavar="wN=W", help="w1 w2 w3 (default: the seed's 0.925 0.9 0.9)")
     parser.add_argument("--rerank-k", type=int, default=10, help="LHP candidates UIT re-scores per query (10)")
+    parser.add_argument("--blip2-reduce", choices=("first", "max"), default="first",
+                        help="BLIP-2's image score: its first query (the seed's blip2_infer.py) or the best query")
     parser.add_argument("--labels", help="JSON object: query id -> relevant gallery stems (prints the metrics)")
     parser.add_argument("--top-k", type=int, default=10, help="gallery stems per submission line (default 10)")
     parser.add_argument("--batch-size", type=int, default=64)

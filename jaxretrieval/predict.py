@@ -35,9 +35,11 @@ OUTPUTS = ("submission.txt", "scores.npz", "metrics.json", "itm_scores.npz")
 
 def predict(checkpoint_path: str | Path, queries: str | Path, gallery: str | Path, *, top_k: int = 10,
             labels: str | None = None, batch_size: int = 256, workers: int = 0, itm_k: int = 0,
-            itm_candidates: str | Path | ScoreMatrix | None = None) -> dict[str, bytes]:
-    """Every output file's bytes, computed before anything is written. itm_candidates: a score file, or a matrix."""
-    config = saved_config(checkpoint_path, [f"data.workers={workers}", f"eval.batch_size={batch_size}"])
+            itm_candidates: str | Path | ScoreMatrix | None = None,
+            overrides: list[str] | tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every output file's bytes, computed before anything is written. itm_candidates: a score file, or a matrix;
+    overrides: `key=value` changes to the checkpoint's config (e.g. blip2.query_reduce=first)."""
+    config = saved_config(checkpoint_path, [*overrides, f"data.workers={workers}", f"eval.batch_size={batch_size}"])
     system = get_system(config.system)
     if (itm_k or itm_candidates is not None) and not system.reranks:
         raise ConfigError(f"--itm-k: system {config.system} has no ITM head (systems with one: uit, cfack)")
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              "(systems with an ITM head)")
     parser.add_argument("--itm-candidates", help="score file (.npz / .pt with ids) whose top K the ITM head "
                                                  "re-scores (default: this checkpoint's own scores)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="changes to the checkpoint's config, e.g. "
+                                                                          "blip2.query_reduce=first")
     args = parse_command_line(parser, argv)
     if args.itm_k < 0:
         raise ConfigError(f"--itm-k must be at least 0 (0: no ITM re-scores), got {args.itm_k}")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = probe_output_folder(args.output_dir)
     files = predict(args.checkpoint, args.queries, args.gallery, top_k=args.top_k, labels=args.labels,
                     batch_size=args.batch_size, workers=args.workers, itm_k=args.itm_k,
-                    itm_candidates=args.itm_candidates)
+                    itm_candidates=args.itm_candidates, overrides=args.overrides)
     show_metrics(files)
     write_outputs(out_dir, files, OUTPUTS)
     report_written(files, out_dir)

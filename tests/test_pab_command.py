@@ -55,7 +55,7 @@ def pab_set(tmp_path_factory, demo_root):
     checkpoints = {
         "lhp": scorer(tmp, "beit3_tiny.yaml", [f"data.root={demo_root}"]),
         "uit": scorer(tmp, "uit_tiny.yaml", [f"data.root={pedes}"]),
-        "blip2": scorer(tmp, "blip2_tiny.yaml", [f"data.root={pedes}", "blip2.query_reduce=first"]),
+        "blip2": scorer(tmp, "blip2_tiny.yaml", [f"data.root={pedes}"]),  # saved with query_reduce max
         "clip": scorer(tmp, "clip_tiny.yaml", [f"data.root={demo_root}"]),
     }
     return queries, gallery, labels, checkpoints, sorted(stems.values())
@@ -96,6 +96,16 @@ def test_pab_command_fuses_four_scorers_as_the_formula(pab_set, tmp_path, capsys
     lines = (out / "submission.txt").read_text().splitlines()
     assert [line.split() for line in lines] == [[stems[j] for j in np.argsort(-row, kind="stable")[:10]]
                                                 for row in want]
+    # BLIP-2 scored as the seed's blip2_infer.py does: the first query token, whatever the checkpoint's own setting.
+    from jaxretrieval.predict import predict
+    from jaxretrieval.retrieval.fusion import scores_from_bytes
+
+    def blip2_scores(reduce: str) -> np.ndarray:
+        files = predict(ckpt["blip2"], queries, gallery, batch_size=8, overrides=[f"blip2.query_reduce={reduce}"])
+        return scores_from_bytes(files["scores.npz"], "blip2").scores
+
+    np.testing.assert_allclose(blip2.scores, blip2_scores("first"), atol=1e-6)
+    assert not np.allclose(blip2.scores, blip2_scores("max"), atol=1e-4)
     for name in ("", "lhp", "uit", "blip2", "clip"):
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert 0 <= metrics["R1"] <= 100 and 0 <= metrics["mAP"] <= 100
