@@ -109,8 +109,9 @@ def rerank_metrics(params: Any, scores: np.ndarray, relevant: np.ndarray, text_i
 def image_text_recall_all(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray,
                           mesh: Mesh) -> dict:
     depth = max(RECALL_AT)
-    if min(len(image_emb), len(text_emb)) < depth:  # too small for top-k lists: score the whole matrix
-        metrics = image_text_recall(image_emb @ text_emb.T, text_to_image, RECALL_AT)
+    # too small for top-k lists, or multi-vector images (BLIP-2's queries): score the whole matrix
+    if min(len(image_emb), len(text_emb)) < depth or image_emb.ndim == 3:
+        metrics = image_text_recall(text_image_scores(text_emb, image_emb).T, text_to_image, RECALL_AT)
     else:  # exact top-k in chunks over the mesh: memory bounded by the chunk, never images x captions
         _, image_top = topk_similarity(image_emb, text_emb, depth, mesh=mesh)
         _, text_top = topk_similarity(text_emb, image_emb, depth, mesh=mesh)

@@ -96,3 +96,18 @@ def test_run_trains_and_reranks(pedes_root, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_itc", "loss_itm", "temp"} <= set(logged[0]) and all(np.isfinite(r["loss"]) for r in logged
                                                                     if "loss" in r)
+
+
+def test_image_text_recall_scores_each_image_by_its_best_query(pedes_root, tmp_path):
+    """COCO-style evaluation of 32-vector images: the recall of the dense max-over-queries matrix."""
+    from jaxretrieval.evaluate import image_text_recall_all
+    from jaxretrieval.retrieval.metrics import image_text_recall
+    from jaxretrieval.sharding import make_mesh
+
+    rng = np.random.default_rng(3)
+    images, texts = rng.normal(size=(12, 4, 8)), rng.normal(size=(24, 8))
+    text_to_image = np.repeat(np.arange(12), 2)
+    dense = np.einsum("iqd,td->itq", images, texts).max(-1)
+    got = image_text_recall_all(images, texts, text_to_image, make_mesh(load_config(CONFIG, []).mesh))
+    assert got == image_text_recall(dense, text_to_image)
+    assert got != image_text_recall(images[:, 0] @ texts.T, text_to_image)

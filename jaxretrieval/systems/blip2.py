@@ -10,11 +10,12 @@ the text feature:
 Loss = ITC + ITM; the temperature is clamped to [0.001, 0.5] before each step. The ViT trains with the rest, as
 LAVIS's retrieval fine-tuning (freeze_vit: False); the seed itself scores with the released weights, untuned.
 
-Evaluation: text_to_image by `blip2.query_reduce` (max: BLIP-2's ITC; first: the seed's scorer, the first query's
-feature), optionally each query's top k re-scored by the ITM logit (eval.rerank_k).
+Evaluation: text_to_image (PAB) or image_text (COCO, Flickr30K: the whole score matrix, as the images carry 32
+vectors) by `blip2.query_reduce` (max: BLIP-2's ITC; first: the seed's scorer, the first query's feature);
+text_to_image optionally re-scores each query's top k by the ITM logit (eval.rerank_k).
 
 Left out, for now: BLIP-2's image-grounded text generation loss (ITG, the [DEC] token), which its retrieval
-fine-tuning adds; image_text (COCO) evaluation of multi-vector images; freezing the ViT.
+fine-tuning adds; ITM re-ranking for image_text; freezing the ViT.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class Blip2System(System):
     summary = "BLIP-2 (pretrain_vitL): CLIP ViT-L + Q-Former, ITC (max over queries) + ITM; the PAB seed's scorer"
     families = ("blip2",)
     losses = ("blip2",)
-    protocols = ("text_to_image",)
+    protocols = ("text_to_image", "image_text")
     data_kinds = CAPTION_KINDS
     Section = Blip2Settings
     reranks = True
