@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import alternating_rounds, environment, print_rounds, time_steps
+from harness import alternating_rounds, environment, print_step_table, time_steps
 
 SIZES = {"vocab_size": 30522, "width": 768, "heads": 12, "ffn_dim": 3072, "max_positions": 512}
 
@@ -100,18 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         tokens = np.random.default_rng(0).integers(1000, SIZES["vocab_size"], (args.batch, args.length))
         rows = [{"jax": bench_jax, "torch": bench_torch}[frameworks[0]](args, tokens)]
     flops = analytic_flops(args.layers, args.batch, args.length)
-    ours = next((r["step_s"] for r in rows if r["framework"] == "jaxretrieval"), None)
-    print(f"\nBERT-base forward + backward, {args.layers} layers, batch {args.batch} x {args.length} tokens, "
-          f"{args.precision}, {flops / 1e9:.0f} GFLOP/step (analytic)\n")
-    print("| framework | device | step (ms, median) | sequences/s | TFLOP/s | MFU | first step (s) | jax speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        tflops = flops / r["step_s"] / 1e12
-        mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "-"
-        ratio = f"{r['step_s'] / ours:.2f}x" if ours and r["framework"] != "jaxretrieval" else ""
-        print(f"| {r['framework']} | {r['device']} | {r['step_s'] * 1e3:.1f} | {args.batch / r['step_s']:.1f} | "
-              f"{tflops:.3f} | {mfu} | {r['first_step_s']:.2f} | {ratio} |")
-    print_rounds(rows)
+    title = f"BERT-base forward + backward, {args.layers} layers, batch {args.batch} x {args.length} tokens, " \
+            f"{args.precision}"
+    print_step_table(rows, flops, args.batch, title, "step", "sequences", args.peak_tflops)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     return 0

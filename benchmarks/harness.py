@@ -75,3 +75,20 @@ def print_rounds(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         if len(row.get("round_step_s", [])) > 1:
             print(f"{row['framework']} rounds (ms/step): " + ", ".join(f"{t * 1e3:.0f}" for t in row["round_step_s"]))
+
+
+def print_step_table(rows: list[dict[str, Any]], flops: float, batch: int, title: str, unit: str = "step",
+                     per: str = "samples", peak_tflops: float | None = None) -> None:
+    """The side-by-side table: per framework its median `unit` time, `per`/s, TFLOP/s from the analytic `flops`,
+    MFU against `peak_tflops`, the first call, and each other framework's time over jaxretrieval's."""
+    ours = next((r["step_s"] for r in rows if r["framework"] == "jaxretrieval"), None)
+    print(f"\n{title}, {flops / 1e9:.0f} GFLOP/{unit} (analytic)\n")
+    print(f"| framework | device | {unit} (ms, median) | {per}/s | TFLOP/s | MFU | first {unit} (s) | jax speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tflops = flops / r["step_s"] / 1e12
+        mfu = f"{tflops / peak_tflops:.1%}" if peak_tflops else "-"
+        ratio = f"{r['step_s'] / ours:.2f}x" if ours and r["framework"] != "jaxretrieval" else ""
+        print(f"| {r['framework']} | {r['device']} | {r['step_s'] * 1e3:.1f} | {batch / r['step_s']:.1f} | "
+              f"{tflops:.3f} | {mfu} | {r['first_step_s']:.2f} | {ratio} |")
+    print_rounds(rows)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import alternating_rounds, environment, print_rounds, time_steps
+from harness import alternating_rounds, environment, print_step_table, time_steps
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {  # swin (image size, patch, embed, depths, heads, window), bert (vocab, width, layers, heads, fusion), dims
@@ -191,18 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = [{"jax": bench_jax, "torch": bench_torch}[frameworks[0]](args)]
     flops = uit_flops(args.size, args.batch)
-    ours = next((r["step_s"] for r in rows if r["framework"] == "jaxretrieval"), None)
-    print(f"\nUIT train step ({args.size}), batch {args.batch}, {args.precision}, {flops / 1e9:.0f} GFLOP/step "
-          f"(analytic)\n")
-    print("| framework | device | step (ms, median) | samples/s | TFLOP/s | MFU | first step (s) | jax speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        tflops = flops / r["step_s"] / 1e12
-        mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "-"
-        ratio = f"{r['step_s'] / ours:.2f}x" if ours and r["framework"] != "jaxretrieval" else ""
-        print(f"| {r['framework']} | {r['device']} | {r['step_s'] * 1e3:.1f} | {args.batch / r['step_s']:.1f} | "
-              f"{tflops:.3f} | {mfu} | {r['first_step_s']:.2f} | {ratio} |")
-    print_rounds(rows)
+    title = f"UIT train step ({args.size}), batch {args.batch}, {args.precision}"
+    print_step_table(rows, flops, args.batch, title, "step", "samples", args.peak_tflops)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     return 0

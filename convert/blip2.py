@@ -62,13 +62,12 @@ import numpy as np
 from convert import ConvertError
 from convert.clip import open_source, per_layer, settings_for
 from convert.clip_layout import LAYOUTS, OPENAI, Layout, _ratio, infer_sizes, peek, to_ours
+from convert.presets import named_config, preset_name, wordpiece_vocab
 from convert.sources import count_indexed, listed, load_hf_weights, load_tensors, load_wrapped_state, read_json
 from convert.uit import _prune, _stacked
 from convert.xvlm import fit
 from jaxretrieval.checkpoint import write_model
-from jaxretrieval.config import Config, load_config, to_dict
-from jaxretrieval.data.wordpiece import WordPieceTokenizer
-from jaxretrieval.errors import ConfigError, UserError
+from jaxretrieval.config import Config, to_dict
 from jaxretrieval.models import MODEL_PRESETS, abstract_model
 from jaxretrieval.models.lavis_vit import lavis_resize_positions
 from jaxretrieval.models.qformer import VOCAB_SIZE, flat_from_hf, flat_from_lavis, lavis_pairs
@@ -411,36 +410,9 @@ def build_config(v: VisionSizes, q: QFormerSizes, *, image_size: int | None = No
                  "data.tokenizer": "vocab.txt", "data.tokenizer_kind": "wordpiece", "data.resize": "squash",
                  "data.mean": MEAN, "data.std": STD, "train.loss": "blip2", "eval.protocol": "text_to_image"}
     overrides = [f"{key}={value}".replace(" ", "") for key, value in overrides.items()]
-    plain = [o for o in overrides if not o.startswith("model.")]
-    name = "custom"
-    for preset, values in MODEL_PRESETS.items():
-        if values.get("family") != "blip2":
-            continue
-        try:  # the preset's own sizes, and the preset overridden with ours: equal when ours are the preset's
-            own = load_config(None, [*plain, f"model.name={preset}"], notices=False).model
-            if load_config(None, [*overrides, f"model.name={preset}"], notices=False).model == own:
-                name = preset
-                break
-        except ConfigError:
-            continue
-    try:
-        return load_config(None, [*overrides, f"model.name={name}"], source="converted BLIP-2 config",
-                           notices=False)
-    except ConfigError as e:
-        raise ConvertError(f"the converted sizes make no valid system blip2 config: {e}") from None
+    return named_config(overrides, preset_name("blip2", overrides), "converted BLIP-2 config", "blip2")
 
 
-def _tokenizer(vocab: str | Path | None, config: Config, where: str) -> WordPieceTokenizer | None:
-    if vocab is None:
-        return None
-    try:
-        tokenizer = WordPieceTokenizer.from_file(vocab, config.model.text.context_length)
-    except (UserError, OSError, ValueError) as e:
-        raise ConvertError(f"--vocab {vocab}: {e}") from None
-    if tokenizer.vocab_size > config.model.text.vocab_size:
-        raise ConvertError(f"--vocab {vocab} has {tokenizer.vocab_size} tokens but {where} embeds only "
-                           f"{config.model.text.vocab_size}: not this model's vocabulary")
-    return tokenizer
 
 
 def _vision_shapes(config: Config) -> dict[str, tuple[int, ...]]:
@@ -531,7 +503,8 @@ def import_blip2(src: str | Path, out: str | Path, *, vocab: str | Path | None =
     context = model.get("max_txt_len") if isinstance(model.get("max_txt_len"), int) else CONTEXT_LENGTH
     size = _image_size(image_size, vit.sizes)
     config = build_config(vit.sizes, q, image_size=size, context_length=context)
-    tokenizer = _tokenizer(vocab, config, where)
+    text = config.model.text
+    tokenizer = wordpiece_vocab(vocab, text.context_length, text.vocab_size, where)
     flat = vision_flat(vit, _vision_shapes(config), size)
     retrieval, skipped = lavis_flat(state, q, where)
     flat.update(retrieval)
@@ -582,7 +555,8 @@ def _import_hf(src: Path, out: Path, *, vocab: str | Path | None, vision: str | 
                            f"(--vision {vision}) is {v.width} wide")
     size = _image_size(image_size, v)
     config = build_config(v, q, image_size=size)
-    tokenizer = _tokenizer(vocab, config, where)
+    text = config.model.text
+    tokenizer = wordpiece_vocab(vocab, text.context_length, text.vocab_size, where)
     flat = dict(hf.flat)
     if vit is not None:
         flat.update(vision_flat(vit, _vision_shapes(config), size))

@@ -37,6 +37,7 @@ import numpy as np
 
 from convert import ConvertError
 from convert.bert import BertSizes, flat_from_hf, fusion_sizes, name_pairs, read_hf_bert, sizes_from_hf, text_prefix
+from convert.presets import named_config, preset_name, wordpiece_vocab
 from convert.sources import (
     head_pairs,
     listed,
@@ -46,10 +47,8 @@ from convert.sources import (
 )
 from convert.xvlm import fit, read_checkpoint
 from jaxretrieval.checkpoint import write_model
-from jaxretrieval.config import Config, load_config, to_dict
-from jaxretrieval.data.wordpiece import WordPieceTokenizer
-from jaxretrieval.errors import ConfigError, UserError
-from jaxretrieval.models import MODEL_PRESETS, abstract_model
+from jaxretrieval.config import Config, to_dict
+from jaxretrieval.models import abstract_model
 from jaxretrieval.models.swin import SWIN_B, _entries, depths_of, flat_from_timm
 from jaxretrieval.systems.uit import CUHK_MEAN, CUHK_STD, UITSettings
 
@@ -217,37 +216,12 @@ def build_config(swin: SwinSizes, text: BertSizes | None, embed_dim: int | None 
     training config (cmp.yaml's keys); `uit`: further uit.* settings."""
     overrides = _overrides(swin, text, embed_dim, saved or {}, **uit)
     stages = (swin.depths, swin.heads, swin.window)
-    plain = [o for o in overrides if not o.startswith("model.")]
-    name = "custom"
-    for preset, values in MODEL_PRESETS.items():
-        if values.get("family") != "uit" or PRESET_STAGES.get(preset, stages) != stages:
-            continue
-        try:  # the preset's own sizes, and the preset overridden with ours: equal when ours are the preset's
-            own = load_config(None, [*plain, f"model.name={preset}"], notices=False).model
-            if load_config(None, [*overrides, f"model.name={preset}"], notices=False).model == own:
-                name = preset
-                break
-        except ConfigError:
-            continue
+    name = preset_name("uit", overrides, lambda preset: PRESET_STAGES.get(preset, stages) == stages)
     if text is None:  # a Swin alone: the text sizes are the preset's (uit_swinb's BERT-base by default)
         name = name if name != "custom" else "uit_swinb"
-    try:
-        return load_config(None, [*overrides, f"model.name={name}"], source=source, notices=False)
-    except ConfigError as e:
-        raise ConvertError(f"the checkpoint's sizes make no valid system-uit config: {e}") from None
+    return named_config(overrides, name, source, "uit")
 
 
-def _tokenizer(vocab: str | Path | None, context_length: int, vocab_size: int, where: str) -> Any:
-    if vocab is None:
-        return None
-    try:
-        tokenizer = WordPieceTokenizer.from_file(vocab, context_length)
-    except (UserError, OSError, ValueError) as e:
-        raise ConvertError(f"--vocab {vocab}: {e}") from None
-    if tokenizer.vocab_size > vocab_size:
-        raise ConvertError(f"--vocab {vocab} has {tokenizer.vocab_size} tokens but {where} embeds only {vocab_size}: "
-                           f"not this model's vocabulary")
-    return tokenizer
 
 
 def _equal_or_fail(state: dict[str, np.ndarray], key: str, other: str, why: str) -> None:
@@ -386,7 +360,7 @@ def import_uit(src: str | Path, out: str | Path, *, vocab: str | Path | None = N
     t = sizes.text
     config = build_config(sizes.swin, t, sizes.embed_dim, saved, chunks=sizes.chunks, mlm=sizes.mlm, mim=sizes.mim,
                           itm_hidden=0 if sizes.itm_hidden == 2 * t.width else sizes.itm_hidden)
-    tokenizer = _tokenizer(vocab, config.model.text.context_length, t.vocab_size, str(src))
+    tokenizer = wordpiece_vocab(vocab, config.model.text.context_length, t.vocab_size, str(src))
     _, abstract = abstract_model(config)
     layout = Layout(state, sizes)
     skipped = check_keys(layout, str(src))
@@ -515,7 +489,7 @@ def import_swin(src: str | Path, out: str | Path, *, bert: str | Path | None = N
         raise ConvertError("--fusion-from places a BERT's layers: it needs --bert")
     config = build_config(swin, text, source="converted Swin / BERT sizes", mlm=mlm)
     context = min(CONTEXT_LENGTH, text.max_positions if text else CONTEXT_LENGTH)
-    tokenizer = _tokenizer(vocab, context, config.model.text.vocab_size, str(bert or src))
+    tokenizer = wordpiece_vocab(vocab, context, config.model.text.vocab_size, str(bert or src))
     _, abstract = abstract_model(config)
     template = _prune(abstract, {_stacked(k) for k in flat})
     params = fit(flat, template, str(src))

@@ -25,12 +25,11 @@ import numpy as np
 
 from convert import ConvertError
 from convert.bert import BertSizes, flat_from_hf, fusion_sizes, name_pairs, text_prefix
+from convert.presets import named_config, preset_name, wordpiece_vocab
 from convert.sources import count_indexed, head_pairs, listed, load_wrapped_state, under
 from jaxretrieval.checkpoint import write_model
-from jaxretrieval.config import Config, load_config, to_dict
-from jaxretrieval.data.wordpiece import WordPieceTokenizer
-from jaxretrieval.errors import ConfigError, UserError
-from jaxretrieval.models import MODEL_PRESETS, abstract_model
+from jaxretrieval.config import Config, to_dict
+from jaxretrieval.models import abstract_model
 from jaxretrieval.models.beit2 import EXTRA_ROWS, flat_from_timm, resize_rel_pos_bias_table, timm_from_params
 from jaxretrieval.models.stacking import relayout
 from jaxretrieval.sharding import path_name
@@ -134,19 +133,7 @@ def build_config(s: XVLMSizes, saved: dict[str, Any] | None = None) -> Config:
     """Config of system cfack for these sizes, named like the preset of the same sizes (else "custom"); the
     context length, caption words and momentum from the original's training config where it has them."""
     overrides = _config_overrides(s, saved or {})
-    name = "custom"
-    plain = [o for o in overrides if not o.startswith("model.")]
-    for preset, values in MODEL_PRESETS.items():
-        if values.get("family") != "xvlm":
-            continue
-        try:  # the preset's own sizes, and the preset overridden with ours: equal when ours are the preset's
-            own = load_config(None, [*plain, f"model.name={preset}"], notices=False).model
-            if load_config(None, [*overrides, f"model.name={preset}"], notices=False).model == own:
-                name = preset
-                break
-        except ConfigError:
-            continue
-    return load_config(None, [*overrides, f"model.name={name}"], source="converted X2-VLM config", notices=False)
+    return named_config(overrides, preset_name("xvlm", overrides), "converted X2-VLM config", "cfack")
 
 
 class Layout:
@@ -268,15 +255,7 @@ def import_xvlm(src: str | Path, out: str | Path, *, vocab: str | Path | None = 
                                f"{sizes.patch_size}")
         sizes = dataclasses.replace(sizes, image_size=image_size)
     config = build_config(sizes, saved)
-    tokenizer = None
-    if vocab is not None:
-        try:
-            tokenizer = WordPieceTokenizer.from_file(vocab, config.model.text.context_length)
-        except (UserError, OSError, ValueError) as e:
-            raise ConvertError(f"--vocab {vocab}: {e}") from None
-        if tokenizer.vocab_size > sizes.text.vocab_size:
-            raise ConvertError(f"--vocab {vocab} has {tokenizer.vocab_size} tokens but {src} embeds only "
-                               f"{sizes.text.vocab_size}: not this model's vocabulary")
+    tokenizer = wordpiece_vocab(vocab, config.model.text.context_length, sizes.text.vocab_size, str(src))
     _, abstract = abstract_model(config)
     layout = Layout(state, sizes, abstract)
     skipped = check_keys(layout, str(src))

@@ -224,7 +224,16 @@ class ITMHead(nnx.Module):
 
 class FusionHeads:
     """What a BERT-fusion retrieval model derives from its `text` (a Bert with fusion layers), `itm_head`,
-    `mlm_head` (or None) and `pad_id`: text states, ITM logits on the fused [CLS], MLM logits (X-VLM, UIT)."""
+    `mlm_head` (or None) and `pad_id`: text states, ITM logits on the fused [CLS], MLM logits (X-VLM, UIT); and the
+    evaluator's encoders from its own image_tokens / image_features / text_features."""
+
+    def encode_image(self, pixels: jax.Array, normalize: bool = True) -> jax.Array:
+        del normalize  # ITC features are always normalised
+        return self.image_features(self.image_tokens(pixels))
+
+    def encode_text(self, tokens: jax.Array, normalize: bool = True) -> jax.Array:
+        del normalize
+        return self.text_features(self.text_hidden(tokens))
 
     def keep(self, tokens: jax.Array) -> jax.Array:
         return tokens != self.pad_id

@@ -113,14 +113,6 @@ class UIT(FusionHeads, nnx.Module):
         flat = jnp.concatenate([text_hidden[:, 0].astype(jnp.float32), pooled.reshape(pooled.shape[0], -1)], axis=1)
         return l2_normalize(self.text_proj(flat, train=train, key=key).astype(jnp.float32))
 
-    def encode_image(self, pixels: jax.Array, normalize: bool = True) -> jax.Array:
-        del normalize  # ITC features are always normalised
-        return self.image_features(self.image_tokens(pixels))
-
-    def encode_text(self, tokens: jax.Array, normalize: bool = True) -> jax.Array:
-        del normalize
-        return self.text_features(self.text_hidden(tokens))
-
     def mim_error(self, pixels: jax.Array, masked: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """SimMIM's loss per image: the mean L1 error of the reconstruction over the masked pixels and the channels.
         masked: (batch or 1, patch rows, patch columns) of the Swin's patch grid, 1 = masked."""

@@ -106,14 +106,6 @@ class XVLM(FusionHeads, nnx.Module):
     def text_features(self, text_hidden: jax.Array) -> jax.Array:
         return l2_normalize(self.text_proj(text_hidden[:, 0]).astype(jnp.float32))
 
-    def encode_image(self, pixels: jax.Array, normalize: bool = True) -> jax.Array:
-        del normalize  # ITC features are always normalised
-        return self.image_features(self.image_tokens(pixels))
-
-    def encode_text(self, tokens: jax.Array, normalize: bool = True) -> jax.Array:
-        del normalize
-        return self.text_features(self.text_hidden(tokens))
-
     def cnn_features(self, pixels: jax.Array) -> jax.Array:
         """Batch norms use their running statistics (frozen), where the original's timm ResNet trains them."""
         pooled = jnp.mean(self.cnn(pixels.astype(self.dtype), train=False), axis=(1, 2))
