@@ -13,7 +13,6 @@ import dataclasses
 import gzip
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -25,7 +24,8 @@ import numpy as np
 import pytest
 import sentencepiece
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from fuzzing import fuzz
+from hypothesis import event, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -37,17 +37,6 @@ from jaxretrieval.data.sources import CaptionSource, DataError
 from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.data.tokenizers import WordTokenizer, build_tokenizer
 from jaxretrieval.data.transforms import Preprocess
-
-# Hypothesis keeps caches (unicode tables, constants) under ./.hypothesis unless told otherwise: not in the repo.
-# It reads the variable on first use, which is after these imports.
-os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "jaxretrieval-hypothesis"))
-
-
-def fuzz(examples: int):
-    """Hypothesis settings: a fixed number of cases drawn the same way on every run (a shared CI machine needs
-    repeatable runs), no deadline, no example database written anywhere."""
-    return settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module")

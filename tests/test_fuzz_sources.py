@@ -23,13 +23,13 @@ import os
 import re
 import signal
 import tarfile
-import tempfile
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from fuzzing import fuzz
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from jaxretrieval.data.csv_source import CsvCaptionSource
@@ -38,17 +38,6 @@ from jaxretrieval.data.sources import DataError, image_file
 from jaxretrieval.data.tfds_source import feature, parse_example
 from jaxretrieval.data.webdataset import IMAGE_EXTENSIONS, WebDatasetSource, brace_expand, tar_members
 from jaxretrieval.errors import ConfigError
-
-# Hypothesis keeps caches (unicode tables, constants) under ./.hypothesis unless told otherwise: not in the repo.
-# It reads the variable on first use, which is after these imports.
-os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "jaxretrieval-hypothesis"))
-
-
-def fuzz(examples: int):
-    """Hypothesis settings: a fixed number of cases drawn the same way on every run (a shared CI machine needs
-    repeatable runs), no deadline, no example database written anywhere."""
-    return settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module")
