@@ -135,7 +135,7 @@ def test_missing_merges_file_is_named(tmp_path: Path) -> None:
     "content",
     [
         b"\x1f\x8b\x08\x00 not really gzip",
-        gzip.compress(b"#version: 0.2\ni n\nt h")[:-12],
+        gzip.compress(b"#version: 0.2\ni n\nt h", mtime=0)[:-12],
         b"\xff\xfe\x00 binary",
         b"#version: 0.2\n",
         b"#version: 0.2\nthis line has three\n",
