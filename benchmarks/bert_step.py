@@ -13,12 +13,10 @@ attention included, x3 for forward and backward).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
-from harness import alternating_rounds, environment, print_step_table, time_steps
+from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps
 
 SIZES = {"vocab_size": 30522, "width": 768, "heads": 12, "ffn_dim": 3072, "max_positions": 512}
 
@@ -84,27 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--frameworks", default="jax,torch")
-    parser.add_argument("--json", default=None)
+    add_step_options(parser, steps=5, warmup=2)
     args = parser.parse_args(argv)
-    frameworks = args.frameworks.split(",")
-    if len(frameworks) > 1:
-        print(" | ".join(f"{k}: {v}" for k, v in environment(0, ("jax", "flax", "torch", "transformers")).items()))
-        rows = alternating_rounds(__file__, frameworks, argv, args.rounds)
-    else:
-        tokens = np.random.default_rng(0).integers(1000, SIZES["vocab_size"], (args.batch, args.length))
-        rows = [{"jax": bench_jax, "torch": bench_torch}[frameworks[0]](args, tokens)]
+    tokens = np.random.default_rng(0).integers(1000, SIZES["vocab_size"], (args.batch, args.length))
+    benches = {"jax": lambda: bench_jax(args, tokens), "torch": lambda: bench_torch(args, tokens)}
+    rows = side_by_side(__file__, argv, args, benches, ("jax", "flax", "torch", "transformers"))
     flops = analytic_flops(args.layers, args.batch, args.length)
     title = f"BERT-base forward + backward, {args.layers} layers, batch {args.batch} x {args.length} tokens, " \
             f"{args.precision}"
     print_step_table(rows, flops, args.batch, title, "step", "sequences", args.peak_tflops)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    save_rows(args.json, rows)
     return 0
 
 

@@ -92,3 +92,31 @@ def print_step_table(rows: list[dict[str, Any]], flops: float, batch: int, title
         print(f"| {r['framework']} | {r['device']} | {r['step_s'] * 1e3:.1f} | {batch / r['step_s']:.1f} | "
               f"{tflops:.3f} | {mfu} | {r['first_step_s']:.2f} | {ratio} |")
     print_rounds(rows)
+
+
+def add_step_options(parser: Any, *, steps: int, warmup: int) -> None:
+    """The options every side-by-side step benchmark takes beside its sizes."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--frameworks", default="jax,torch")
+    parser.add_argument("--json", default=None)
+
+
+def side_by_side(script: str, argv: list[str], args: Any, benches: dict[str, Callable[[], dict[str, Any]]],
+                 packages: Sequence[str]) -> list[dict[str, Any]]:
+    """With several --frameworks: the environment line, then each framework in fresh processes over --rounds
+    (`alternating_rounds`); with one: that framework's row measured in this process."""
+    frameworks = args.frameworks.split(",")
+    if len(frameworks) == 1:
+        return [benches[frameworks[0]]()]
+    print(" | ".join(f"{k}: {v}" for k, v in environment(0, packages).items()))
+    return alternating_rounds(script, frameworks, argv, args.rounds)
+
+
+def save_rows(path: str | None, rows: list[dict[str, Any]]) -> None:
+    """The rows as JSON (--json), for a parent process or a later table."""
+    if path:
+        Path(path).write_text(json.dumps({"rows": rows}, indent=2) + "\n")

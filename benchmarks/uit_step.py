@@ -15,12 +15,11 @@ analytically (`uit_flops`: every matmul and attention product of one step's forw
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from harness import alternating_rounds, environment, print_step_table, time_steps
+from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {  # swin (image size, patch, embed, depths, heads, window), bert (vocab, width, layers, heads, fusion), dims
@@ -175,26 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="swinb")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--peak-tflops", type=float, default=None)
-    parser.add_argument("--frameworks", default="jax,torch")
-    parser.add_argument("--json", default=None)
+    add_step_options(parser, steps=3, warmup=1)
     args = parser.parse_args(argv)
-    frameworks = args.frameworks.split(",")
-    if len(frameworks) > 1:
-        print(" | ".join(f"{k}: {v}" for k, v in environment(0, ("jax", "flax", "torch", "timm",
-                                                                    "transformers")).items()))
-        rows = alternating_rounds(__file__, frameworks, argv, args.rounds)
-    else:
-        rows = [{"jax": bench_jax, "torch": bench_torch}[frameworks[0]](args)]
+    benches = {"jax": lambda: bench_jax(args), "torch": lambda: bench_torch(args)}
+    rows = side_by_side(__file__, argv, args, benches, ("jax", "flax", "torch", "timm", "transformers"))
     flops = uit_flops(args.size, args.batch)
     title = f"UIT train step ({args.size}), batch {args.batch}, {args.precision}"
     print_step_table(rows, flops, args.batch, title, "step", "samples", args.peak_tflops)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    save_rows(args.json, rows)
     return 0
 
 
