@@ -4,6 +4,7 @@ carry besides the config. The builders for captioned images and for re-id identi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -14,7 +15,14 @@ from jax.sharding import Mesh
 
 from jaxretrieval.config import Config, ConfigError
 from jaxretrieval.data import reid_pipeline
-from jaxretrieval.data.pipeline import caption_source, data_root, eval_inputs, make_tokenizer, train_loader
+from jaxretrieval.data.pipeline import (
+    caption_source,
+    data_root,
+    eval_inputs,
+    make_tokenizer,
+    stream_loader,
+    train_loader,
+)
 from jaxretrieval.evaluate import evaluate_reid_splits, evaluate_retrieval
 from jaxretrieval.retrieval.rerank import RerankSpec
 from jaxretrieval.systems import get_system
@@ -74,6 +82,23 @@ def image_text_task(config: Config, init_meta: dict, system: System) -> Task:
 
     return Task(config, lambda start: train_loader(config, source, tokenizer, start_step=start, fields=fields),
                 evaluate, {"tokenizer": tokenizer.to_spec()}, describe)
+
+
+def caption_stream_task(config: Config, init_meta: dict, system: System,
+                        make_encode: Callable[[Config, Any, Any, Any], Any]) -> Task:
+    """Captioned images through a system's own per-record encoder (CFACK's views, UIT's augmentations):
+    `make_encode(config, root, tokenizer, source)` gives the grain RandomMap; its evaluator scores eval.split."""
+    root = data_root(config)
+    tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
+    source = caption_source(config, root, "train")
+    config = with_epoch_steps(config, len(source) // config.train.batch_size, repr(source))
+    encode = make_encode(config, root, tokenizer, source)
+
+    def describe(origin: np.ndarray) -> list[str]:
+        return [f"{source.paths[file]} record {line}" for file, line in origin.tolist()]
+
+    return Task(config, functools.partial(stream_loader, config, source, encode), system.evaluator(config, tokenizer),
+                {"tokenizer": tokenizer.to_spec()}, describe)
 
 
 def reid_evaluator(config: Config) -> Evaluator:

@@ -35,7 +35,7 @@ from jaxretrieval.config_checks import no_layer_recipe
 from jaxretrieval.data.masking import WholeWordMasking, masked_positions
 from jaxretrieval.data.pedes import PEDES_KINDS
 from jaxretrieval.data.person_views import CnnView, StrongView, WeakView
-from jaxretrieval.data.pipeline import caption_source, data_root, make_tokenizer, stream_loader
+from jaxretrieval.data.pipeline import data_root
 from jaxretrieval.data.sources import CaptionRecord, DataError
 from jaxretrieval.data.transforms import load_image
 from jaxretrieval.losses.contrastive import contrastive_loss
@@ -44,7 +44,7 @@ from jaxretrieval.models.xvlm import XVLM, momentum_update
 from jaxretrieval.retrieval.rerank import CrossEncoder, fusion_cross_encoder
 from jaxretrieval.systems import register
 from jaxretrieval.systems.base import Check, GradFn, System
-from jaxretrieval.tasks import Task, with_epoch_steps
+from jaxretrieval.tasks import Task, caption_stream_task
 
 Pair = tuple[float, float]
 
@@ -224,24 +224,16 @@ class CFACK(System):
         return fn
 
     def task(self, config: Config, init_meta: dict) -> Task:
-        s, data = config.section, config.data
-        root = data_root(config)
-        tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
-        source = caption_source(config, root, "train")
-        config = with_epoch_steps(config, len(source) // config.train.batch_size, repr(source))
-        size = config.model.image.image_size
-        masking = (WholeWordMasking.for_tokenizer(tokenizer, s.mask_prob, s.max_masks) if s.mlm else None)
-        encode = CFACKEncode(WeakView(size, data.mean, data.std),
-                             StrongView(size, data.mean, data.std, erasing_p=s.erasing_p,
-                                        uniform_augment=s.uniform_augment),
-                             CnnView(s.cnn_image_size) if s.cnn else None, tokenizer, masking,
-                             caption_augmenter(config), source.where, data.skip_bad_records)
+        def encode(config: Config, root: Any, tokenizer: Any, source: Any) -> CFACKEncode:
+            s, data, size = config.section, config.data, config.model.image.image_size
+            masking = WholeWordMasking.for_tokenizer(tokenizer, s.mask_prob, s.max_masks) if s.mlm else None
+            return CFACKEncode(WeakView(size, data.mean, data.std),
+                               StrongView(size, data.mean, data.std, erasing_p=s.erasing_p,
+                                          uniform_augment=s.uniform_augment),
+                               CnnView(s.cnn_image_size) if s.cnn else None, tokenizer, masking,
+                               caption_augmenter(config), source.where, data.skip_bad_records)
 
-        def describe(origin: np.ndarray) -> list[str]:
-            return [f"{source.paths[file]} record {line}" for file, line in origin.tolist()]
-
-        loader = functools.partial(stream_loader, config, source, encode)
-        return Task(config, loader, self.evaluator(config, tokenizer), {"tokenizer": tokenizer.to_spec()}, describe)
+        return caption_stream_task(config, init_meta, self, encode)
 
     def init_from(self, config: Config, path: str, meta: dict, abstract: Any, fresh: Callable[[], Any]) -> Any:
         """A converted X-VLM / X2-VLM / CFACK checkpoint (or a trained one) over fresh parameters: what it lacks (a

@@ -28,7 +28,6 @@ the projection norms' gains, `temp` and the mask token); draws come from per-rec
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,7 +43,6 @@ from jaxretrieval.config_checks import CAPTION_KINDS, no_layer_recipe
 from jaxretrieval.data import eda
 from jaxretrieval.data.masking import WholeWordMasking, masked_positions
 from jaxretrieval.data.person_views import RandomErasing
-from jaxretrieval.data.pipeline import caption_source, data_root, make_tokenizer, stream_loader
 from jaxretrieval.data.randaugment import UIT_OPS, RandomAugment
 from jaxretrieval.data.sources import CaptionRecord, DataError
 from jaxretrieval.data.transforms import _normalise, _squash, load_image
@@ -54,7 +52,7 @@ from jaxretrieval.models.uit import UIT, block_mask
 from jaxretrieval.retrieval.rerank import CrossEncoder, fusion_cross_encoder
 from jaxretrieval.systems import register
 from jaxretrieval.systems.base import Check, GradFn, System
-from jaxretrieval.tasks import Task, with_epoch_steps
+from jaxretrieval.tasks import Task, caption_stream_task
 
 CUHK_MEAN, CUHK_STD = (0.38901278, 0.3651612, 0.34836376), (0.24344306, 0.23738699, 0.23368555)
 
@@ -282,24 +280,17 @@ class UITSystem(System):
         return fn
 
     def task(self, config: Config, init_meta: dict) -> Task:
-        s, data = config.section, config.data
-        root = data_root(config)
-        tokenizer = make_tokenizer(config, root, init_meta.get("tokenizer"))
-        source = caption_source(config, root, "train")
-        config = with_epoch_steps(config, len(source) // config.train.batch_size, repr(source))
-        augment = RandomAugment(s.randaugment_ops, s.randaugment_magnitude, UIT_OPS) if s.randaugment else None
-        view = UITView(config.model.image.image_size, data.mean, data.std, augment, s.erasing_p)
-        masking = (WholeWordMasking.for_tokenizer(tokenizer, s.mask_prob, s.max_masks, whole_row=s.mask_whole_row)
-                   if s.mlm else None)
-        synonyms = eda.synonyms_source(s.synonyms, root) if s.eda else None
-        encode = UITEncode(view, tokenizer, masking, synonyms, s, data.max_words, source.where,
-                           data.skip_bad_records)
+        def encode(config: Config, root: Any, tokenizer: Any, source: Any) -> UITEncode:
+            s, data = config.section, config.data
+            augment = RandomAugment(s.randaugment_ops, s.randaugment_magnitude, UIT_OPS) if s.randaugment else None
+            view = UITView(config.model.image.image_size, data.mean, data.std, augment, s.erasing_p)
+            masking = (WholeWordMasking.for_tokenizer(tokenizer, s.mask_prob, s.max_masks,
+                                                      whole_row=s.mask_whole_row) if s.mlm else None)
+            synonyms = eda.synonyms_source(s.synonyms, root) if s.eda else None
+            return UITEncode(view, tokenizer, masking, synonyms, s, data.max_words, source.where,
+                             data.skip_bad_records)
 
-        def describe(origin: np.ndarray) -> list[str]:
-            return [f"{source.paths[file]} record {line}" for file, line in origin.tolist()]
-
-        loader = functools.partial(stream_loader, config, source, encode)
-        return Task(config, loader, self.evaluator(config, tokenizer), {"tokenizer": tokenizer.to_spec()}, describe)
+        return caption_stream_task(config, init_meta, self, encode)
 
     def init_from(self, config: Config, path: str, meta: dict, abstract: Any, fresh: Callable[[], Any]) -> Any:
         """A converted UIT / Swin / BERT checkpoint (or a trained one) over fresh parameters: what it lacks starts
