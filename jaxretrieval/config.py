@@ -110,7 +110,8 @@ class DataConfig:
     # imgs/; captions cut to max_words words), pedes_demo (generated, in CUHK-PEDES's layout). csv (open_clip's CSV/TSV)
     # and karpathy (dataset_coco.json / dataset_flickr30k.json), see below; webdataset: img2dataset's tar shards,
     # train_file / test_file a shard pattern under root (shards/{00000..00099}.tar, :: lists, globs); tfds: a prepared
-    # TFDS dataset (see tfds_* below).
+    # TFDS dataset (see tfds_* below). precomp: SCAN / BUTD region features ({split}_ims.npy, {split}_caps.txt under
+    # root; train_file / test_file name the splits: train, test, testall), precomp_demo (generated, data/precomp.py).
     kind: str = "jsonl"
     root: str = ""  # annotation paths and image paths are relative to this folder
     train_file: str = "train.jsonl"  # or a glob pattern (PAB: annotation/train/pair_*.json), files read sorted
@@ -183,6 +184,7 @@ class TrainConfig:
     weight_decay: float = 0.2
     # Regexes over "/"-joined parameter paths kept out of weight decay, besides every vector and scalar.
     no_decay: list[str] = dataclasses.field(default_factory=list)
+    decay_vectors: bool = False  # adamw: decay biases and norm gains too (torch's AdamW as VSE-infinity uses it)
     layer_decay: float = 1.0  # < 1: layer-wise lr decay, lr x decay^(depth from the top) (beit3)
     b1: float = 0.9
     b2: float = 0.98

@@ -12,6 +12,8 @@ from jaxretrieval.systems.base import System
 CAPTION_KINDS = ("jsonl", "demo", "albef", "csv", "karpathy", "webdataset", "tfds", "cuhk-pedes", "icfg-pedes",
                  "rstpreid", "pedes_demo")
 REID_KINDS = ("market1501", "dukemtmc", "street2shop", "reid_demo")
+PRECOMP_KINDS = ("precomp", "precomp_demo")  # SCAN / BUTD region features (data/precomp.py)
+ALL_KINDS = CAPTION_KINDS + REID_KINDS + PRECOMP_KINDS
 RULE_SET_NAMES = ("replicated", "fsdp", "fsdp_tensor")
 
 
@@ -26,7 +28,7 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str, system: str, attribu
 def _common(config: Config, system: System) -> list[tuple[bool, str]]:
     model, data, train = config.model, config.data, config.train
     return [
-        (data.kind in CAPTION_KINDS + REID_KINDS, f"data.kind must be one of {', '.join(CAPTION_KINDS + REID_KINDS)}"),
+        (data.kind in ALL_KINDS, f"data.kind must be one of {', '.join(ALL_KINDS)}"),
         _one_of(model.family, system.families, "model.family", system.name, "families"),
         _one_of(data.kind, system.data_kinds, "data.kind", system.name, "data_kinds"),
         _one_of(train.loss, system.losses, "train.loss", system.name, "losses"),

@@ -58,14 +58,15 @@ def xvlm_step(config: TrainConfig) -> optax.Schedule:
     return schedule
 
 
-def decay_mask(params: Any, exclude: Sequence[str] = ()) -> Any:
-    """Weight decay on matrices and embeddings only (no biases, norm gains, class token or logit scale), and not
-    on parameters whose path matches a regex in `exclude`. A stacked layer parameter is judged per layer (its
-    leading layer axis does not count)."""
+def decay_mask(params: Any, exclude: Sequence[str] = (), vectors: bool = False) -> Any:
+    """Weight decay on matrices and embeddings only (no biases, norm gains, class token or logit scale; with
+    `vectors` on every parameter, as torch's AdamW with one weight_decay for all groups), and not on parameters whose
+    path matches a regex in `exclude`. A stacked layer parameter is judged per layer (its leading layer axis does not
+    count)."""
     def decays(path: tuple, p: Any) -> bool:
         name = path_name(path)
         rank = np.ndim(p) - (1 if is_stacked(name) else 0)
-        return rank >= 2 and not any(re.search(pattern, name) for pattern in exclude)
+        return (vectors or rank >= 2) and not any(re.search(pattern, name) for pattern in exclude)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -111,7 +112,7 @@ def make_optimizer(config: TrainConfig, depth: LayerDepth | None = None, roles: 
                            optax.scale_by_learning_rate(lr))
     else:
         adam = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
-                           mask=lambda p: decay_mask(p, config.no_decay))
+                           mask=lambda p: decay_mask(p, config.no_decay, config.decay_vectors))
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
     parts.append(adam)
     if config.layer_decay < 1:

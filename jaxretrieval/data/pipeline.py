@@ -28,6 +28,7 @@ from jaxretrieval.data.karpathy import KarpathyCaptionSource
 from jaxretrieval.data.order import GlobalBatchSampler, shuffled_epochs
 from jaxretrieval.data.pedes import PEDES_KINDS, PedesCaptionSource
 from jaxretrieval.data.pedes_demo import write_pedes_demo
+from jaxretrieval.data.precomp import PRECOMP_KINDS, PrecompSource, write_precomp_demo
 from jaxretrieval.data.sources import CaptionRecord, CaptionSource, DataError
 from jaxretrieval.data.spm import SentencePieceTokenizer
 from jaxretrieval.data.tfds_source import TfdsCaptionSource
@@ -42,13 +43,15 @@ log = logging.getLogger(__name__)
 def data_root(config: Config) -> Path:
     """The dataset folder; a demo dataset is generated there on first use (deterministic, no download)."""
     data = config.data
-    if not data.root and data.kind not in ("demo", "pedes_demo"):
+    if not data.root and data.kind not in ("demo", "pedes_demo", "precomp_demo"):
         raise DataError(f"data.root must name the dataset folder for data.kind={data.kind}")
     root = Path(data.root or f"data/{data.kind}").expanduser()
     if data.kind == "demo":
         generate_demo(root, seed=data.demo_seed, num_train=data.demo_num_train, num_test=data.demo_num_test)
     elif data.kind == "pedes_demo":
         write_pedes_demo(root, seed=data.demo_seed)
+    elif data.kind == "precomp_demo" and not (root / "test_ims.npy").is_file():
+        write_precomp_demo(root, seed=data.demo_seed)
     elif not root.is_dir():
         raise DataError(f"data.root {root} is not a folder")
     return root
@@ -110,6 +113,8 @@ def caption_source(config: Config, root: Path, split: str) -> CaptionSource:
     if name is None:
         raise DataError(f"unknown split '{split}' (train or test)")
     data = config.data
+    if data.kind in PRECOMP_KINDS:  # name: the split ("train", "test", "testall")
+        return PrecompSource(root, name, skip_bad=data.skip_bad_records)
     if data.kind == "webdataset":  # name: a shard pattern (braces, ::, globs) under root
         return WebDatasetSource(name, root, skip_bad=data.skip_bad_records)
     if data.kind == "tfds":

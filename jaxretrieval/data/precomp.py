@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from jaxretrieval.data.sources import CaptionRecord, SkipCounts, decode_line, raw_lines, read_text
+from jaxretrieval.data.wordpiece import SPECIAL_TOKENS
 from jaxretrieval.errors import DataError
 
 log = logging.getLogger(__name__)
 
 REF_PREFIX = "precomp://"
 SPLITS = ("train", "dev", "test", "testall")
+PRECOMP_KINDS = ("precomp", "precomp_demo")  # data.kind values: a precomp folder, or the generated demo set
 
 
 def image_ref(path: str | Path, index: int) -> str:
@@ -134,6 +136,14 @@ class PrecompSource:
             raise error
         log.warning("skipping %s", error)
         setattr(self.skipped, kind, getattr(self.skipped, kind) + 1)
+
+    def __getstate__(self) -> dict:
+        # grain's worker processes get the source pickled: they reopen the memory map rather than copy the array
+        return {**self.__dict__, "features": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.features = open_features(self.features_path)
 
     @property
     def num_images(self) -> int:
@@ -243,7 +253,8 @@ def _demo_split(rng: np.random.Generator, count: int, regions: int, projection: 
 def write_precomp_demo(root: str | Path, *, seed: int = 0, images: int = 240, regions: int = 10, dim: int = 64,
                        split_sizes: Mapping[str, int] | None = None, latent: int = 16, noise: float = 0.3) -> Path:
     """A tiny precomp folder at `root` (created): `{split}_ims.npy` (N, regions, dim) float32, `{split}_caps.txt`
-    (5 captions per image), `{split}_ids.txt` and `vocab.txt` (the caption words, one a line, sorted).
+    (5 captions per image), `{split}_ids.txt` and `vocab.txt` (a WordPiece vocabulary: BERT's special tokens, then the
+    caption words sorted).
 
     Each image shows two of 12 concepts; its regions are noisy `latent`-dim concept vectors through one fixed random
     (latent, dim) projection (ReLU'd like BUTD features), and its captions name the two concepts (each by one of two
@@ -268,5 +279,5 @@ def write_precomp_demo(root: str | Path, *, seed: int = 0, images: int = 240, re
         next_id += count
     words = {word for pair in _CONCEPTS for word in pair}
     words |= {word for template in _TEMPLATES for word in template.split() if not word.startswith("{")}
-    (root / "vocab.txt").write_text("".join(f"{w}\n" for w in sorted(words)), encoding="utf-8")
+    (root / "vocab.txt").write_text("".join(f"{w}\n" for w in [*SPECIAL_TOKENS, *sorted(words)]), encoding="utf-8")
     return root

@@ -260,6 +260,19 @@ class WordPieceTokenizer:
         """Ids of ``text`` without ``[CLS]``/``[SEP]``, as ``tokenizer(text, add_special_tokens=False)`` gives them."""
         return self._encode_many([text])[0]
 
+    def word_pieces(self, text: str) -> list[list[int]]:
+        """The ids of ``text`` grouped by word, as BERT's basic tokenizer splits words (punctuation apart) and
+        WordPiece then splits each word: what VSE-infinity's caption augmentation draws on word by word."""
+        encoding = self._backend.encode(without_surrogates(text), add_special_tokens=False)
+        words: list[list[int]] = []
+        last = None
+        for token, word in zip(encoding.ids, encoding.word_ids, strict=True):
+            if word != last or not words:
+                words.append([])
+                last = word
+            words[-1].append(token)
+        return words
+
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         """Tokenize to an int32 array of shape ``(len(texts), context_length)``."""
         if isinstance(texts, str):

@@ -67,6 +67,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "blip2_tiny": {"family": "blip2", "embed_dim": 32, "activation": "quick_gelu",
                    "image": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "heads": 2},
                    "text": {"context_length": 32, "vocab_size": 160, "width": 32, "layers": 4, "heads": 2}},
+    # VSE-infinity / AAHR: BERT-base captions (64 tokens) into a 1024-wide space; the region side is the vse / aahr
+    # section's region_dim.
+    "vse_bert_base": {"family": "vse", "embed_dim": 1024,
+                      "text": {"context_length": 64, "vocab_size": 30522, "width": 768, "layers": 12, "heads": 12}},
+    # At test / CPU-demo size, for the generated precomp set (data.kind precomp_demo: 64-wide regions).
+    "vse_tiny": {"family": "vse", "embed_dim": 32,
+                 "text": {"context_length": 16, "vocab_size": 64, "width": 32, "layers": 2, "heads": 2}},
     # Small enough for the test suite and the CPU demo; the text side follows the demo tokenizer.
     "tiny": {
         "embed_dim": 64,

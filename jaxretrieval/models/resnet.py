@@ -47,15 +47,23 @@ class BatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
 
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool, rows: jax.Array | None = None) -> jax.Array:
+        """rows (train mode): a bool mask of x's shape without the channel axis; the statistics come from the rows
+        where it is True only (what torch sees of a batch cut to its longest member), every row is normalised."""
         y = x.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
             count = x.size // x.shape[-1]
             if count < 2:
                 raise ValueError(f"batch norm in train mode needs more than 1 value per channel, got input {x.shape}")
-            mean = jnp.mean(y, axis=axes)
-            var = jnp.mean(jnp.square(y - mean), axis=axes)
+            if rows is None:
+                mean = jnp.mean(y, axis=axes)
+                var = jnp.mean(jnp.square(y - mean), axis=axes)
+            else:
+                weight = rows[..., None].astype(jnp.float32)
+                count = jnp.maximum(weight.sum(), 2.0)
+                mean = jnp.sum(weight * y, axis=axes) / count
+                var = jnp.sum(weight * jnp.square(y - mean), axis=axes) / count
             m = self.momentum
             stats = jax.lax.stop_gradient((mean, var * (count / (count - 1))))
             self.mean[...] = (1 - m) * self.mean[...] + m * stats[0]

@@ -24,11 +24,12 @@ def embed_all(encode: Callable[[jax.Array], Any], inputs: np.ndarray, batch_size
     sharding = batch_sharding(mesh)
     outputs = []
     for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        rows = len(chunk)
+        chunk = inputs[start:start + batch_size]  # an array, or a dict of arrays (precomp_pipeline.Rows)
+        rows = len(jax.tree.leaves(chunk)[0])
         if rows < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - rows, axis=0)])
-        result = encode(replicated_host_array(chunk, sharding))
+            chunk = jax.tree.map(lambda c, r=rows: np.concatenate([c, np.repeat(c[-1:], batch_size - r, axis=0)]),
+                                 chunk)
+        result = encode(jax.tree.map(lambda c: replicated_host_array(np.asarray(c), sharding), chunk))
         gathered = multihost_utils.process_allgather(result, tiled=True)
         outputs.append(jax.tree.map(lambda r, n=rows: np.asarray(r)[:n], gathered))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)

@@ -21,6 +21,8 @@ SYSTEMS: dict[str, str] = {
     "cfack": "jaxretrieval.systems.cfack",
     "uit": "jaxretrieval.systems.uit",
     "blip2": "jaxretrieval.systems.blip2",
+    "vse_infty": "jaxretrieval.systems.vse",
+    "aahr": "jaxretrieval.systems.aahr",
 }
 _REGISTERED: dict[str, System] = {}
 

@@ -1,0 +1,185 @@
+"""VSE-infinity (woodfrog/vse_infty; read for facts): GPO-pooled region features and BERT captions in one space,
+trained with the hinge triplet loss; the baseline AAHR builds on (`systems/aahr.py`).
+
+The recipe of its released `train_region.sh` (configs/*/vse_infty.yaml): batch 128, AdamW (weight decay 1e-4 on every
+parameter, torch's betas and eps), lr 5e-4 with BERT's parameters at 0.1x, x0.1 after epoch 15 of 25, gradient norm
+clipped at 2; the loss sums the hinge over every negative in the first epoch (`vse_mean_warmup_epochs 1`) and keeps
+the hardest negative per query after it. Data: region drop and caption noise (data/precomp_pipeline.py). Evaluation:
+image-text recall on the precomp test split; with eval.folds 5 on COCO's testall both 5K and the 1K x 5 average.
+
+Differences from the original, on purpose: BERT runs without dropout (the original fine-tunes it in train mode,
+dropout 0.1); captions are cut to model.text.context_length tokens (the original does not cut); the batch is not
+sorted by caption length (the loss is a sum, so the order does not change it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxretrieval.config import Config, ConfigError
+from jaxretrieval.config_checks import PRECOMP_KINDS, no_layer_recipe
+from jaxretrieval.data.pipeline import caption_source, data_root
+from jaxretrieval.data.precomp_pipeline import PrecompEncode, precomp_eval_inputs
+from jaxretrieval.losses.hinge import vse_hinge_loss
+from jaxretrieval.models.vse import VSE
+from jaxretrieval.systems import register
+from jaxretrieval.systems.base import Check, Evaluator, GradFn, System
+from jaxretrieval.tasks import Task, caption_stream_task
+
+
+@dataclasses.dataclass
+class VSESettings:
+    region_dim: int = 2048  # the precomputed region features' width (BUTD: 2048)
+    region_mlp: bool = True  # the MLP residual beside fc (precomp_enc_type "basic")
+    margin: float = 0.2
+    # Epochs of the sum over all negatives before the hardest negative takes over (vse_mean_warmup_epochs); needs
+    # train.epochs > 0 unless 0.
+    hinge_warmup_epochs: float = 1.0
+    bert_lr_scale: float = 0.1  # BERT's learning rate relative to train.lr
+    region_drop: float = 0.2  # training: the chance each region is dropped
+    caption_noise: float = 0.2  # training: the chance each word is masked, replaced or deleted (0: off)
+    max_positions: int = 512  # BERT's position table
+
+
+def warmup_steps(config: Config) -> int:
+    """The train step at which the hinge loss turns to the hardest negative."""
+    s, train = config.section, config.train
+    if not s.hinge_warmup_epochs:
+        return 0
+    return round(s.hinge_warmup_epochs * train.steps / train.epochs)
+
+
+def split_state(params: dict, state_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the parameters the gradient is taken of, the top-level state entries named in state_keys)."""
+    return ({k: v for k, v in params.items() if k not in state_keys},
+            {k: v for k, v in params.items() if k in state_keys})
+
+
+def zero_grads(state: dict) -> dict:
+    return jax.tree.map(jnp.zeros_like, state)
+
+
+def hinge_terms(image: jax.Array, text: jax.Array, margin: float, updates: jax.Array, warmup: int) -> dict:
+    """{"loss_hinge": the sum form before `warmup` steps, the hardest-negative form from then on, "max_violation"}."""
+    hardest = updates >= warmup
+    loss = jax.lax.cond(hardest, lambda: vse_hinge_loss(image, text, margin, max_violation=True),
+                        lambda: vse_hinge_loss(image, text, margin, max_violation=False))
+    return {"loss_hinge": loss, "max_violation": hardest.astype(jnp.float32)}
+
+
+class VSEInfinity(System):
+    name = "vse_infty"
+    summary = "VSE-infinity: BUTD region features + BERT, GPO pooling, hinge triplet loss (AAHR's baseline)"
+    families = ("vse",)
+    losses = ("hinge",)
+    protocols = ("image_text",)
+    data_kinds = PRECOMP_KINDS
+    converters = ("vse_infty",)
+    Section = VSESettings
+    state_keys: tuple[str, ...] = ("updates",)  # top-level state the train step writes (not trained)
+
+    def check(self, config: Config) -> list[Check]:
+        s, text = config.section, config.model.text
+        return [
+            *no_layer_recipe(config),
+            (config.data.tokenizer_kind == "wordpiece" or config.data.tokenizer == "checkpoint",
+             f"system {self.name} reads captions with BERT's WordPiece: data.tokenizer_kind: wordpiece"),
+            (s.hinge_warmup_epochs == 0 or config.train.epochs > 0,
+             f"{self.name}.hinge_warmup_epochs counts epochs: set train.epochs (or "
+             f"{self.name}.hinge_warmup_epochs: 0)"),
+            (0 <= s.region_drop < 1 and 0 <= s.caption_noise < 1,
+             f"{self.name}.region_drop and {self.name}.caption_noise must be in [0, 1)"),
+            (text.context_length <= s.max_positions, f"model.text.context_length must be <= {self.name}.max_positions"),
+            (config.train.micro_batches == 1, f"system {self.name} trains on whole batches (train.micro_batches: 1)"),
+        ]
+
+    def bert(self, config: Config) -> dict[str, Any]:
+        text = config.model.text
+        return dict(vocab_size=text.vocab_size, width=text.width, layers=text.layers, heads=text.heads,
+                    ffn_dim=int(text.mlp_ratio * text.width), max_positions=config.section.max_positions,
+                    type_vocab_size=2, remat=text.remat, unroll=config.model.scan_unroll,
+                    attention=config.model.attention)
+
+    def build(self, config: Config, *, rngs: nnx.Rngs, dtype: Any) -> VSE:
+        s = config.section
+        return VSE(region_dim=s.region_dim, embed_dim=config.model.embed_dim, bert=self.bert(config),
+                   region_mlp=s.region_mlp, rngs=rngs, dtype=dtype)
+
+    def lr_scale(self, config: Config) -> Callable[[str], Any] | None:
+        scale = config.section.bert_lr_scale
+        return None if scale == 1 else (lambda path: scale if path.startswith("text/bert/") else 1.0)
+
+    def losses_of(self, config: Config, model: Any, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+        """(loss, logged terms) of one batch, the model in train mode (its batch norms update in place)."""
+        del key
+        image = model.encode_image({"regions": batch["image"], "lengths": batch["image_lengths"]}, train=True)
+        text = model.encode_text(batch["text"])
+        terms = hinge_terms(image, text, config.section.margin, model.updates[...], warmup_steps(config))
+        return terms["loss_hinge"], terms
+
+    def new_state(self, config: Config, model: Any, state: dict) -> dict:
+        """The state the step writes besides the batch statistics: the step count (subclasses add theirs)."""
+        return {"updates": state["updates"] + 1}
+
+    def grad_fn(self, config: Config, graphdef: nnx.GraphDef, mesh: Any) -> GradFn:
+        def loss_fn(trainable: dict, state: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, tuple]:
+            model = nnx.merge(graphdef, {**trainable, **state})
+            loss, terms = self.losses_of(config, model, batch, key)
+            written = {**nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), **self.new_state(config, model, state)}
+            return loss, (terms, written)
+
+        def fn(params: dict, batch: dict, key: jax.Array) -> tuple[Any, dict, Any, Any]:
+            trainable, state = split_state(params, self.state_keys)
+            (loss, (terms, written)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, state, batch, key)
+            return loss, terms, {**grads, **zero_grads(state)}, written
+
+        return fn
+
+    def task(self, config: Config, init_meta: dict) -> Task:
+        def encode(config: Config, root: Any, tokenizer: Any, source: Any) -> PrecompEncode:
+            s = config.section
+            self.check_source(config, source)
+            return PrecompEncode(tokenizer, region_drop=s.region_drop, caption_noise=s.caption_noise,
+                                 globals_=self.globals_of(config, source))
+
+        return caption_stream_task(config, init_meta, self, encode)
+
+    def check_source(self, config: Config, source: Any) -> None:
+        dim = source.features.shape[2]
+        if dim != config.section.region_dim:
+            raise ConfigError(f"{source.features_path} holds {dim}-wide region features but "
+                              f"{self.name}.region_dim is {config.section.region_dim}")
+
+    def globals_of(self, config: Config, source: Any) -> Any:
+        """The CLIP global features the system reads beside the regions (AAHR's); None: none."""
+        return None
+
+    def evaluator(self, config: Config, tokenizer: Any, source: Any = None) -> Evaluator:
+        from jaxretrieval.evaluate import evaluate_retrieval
+
+        source = source or caption_source(config, data_root(config), config.eval.split)
+        self.check_source(config, source)
+        inputs = precomp_eval_inputs(source, tokenizer, self.globals_of(config, source))
+
+        def evaluate(graphdef: nnx.GraphDef, params: Any, mesh: Any) -> dict[str, Any]:
+            e = config.eval
+            return evaluate_retrieval(graphdef, params, inputs, mesh, e.batch_size, "image_text", e.folds)
+
+        return evaluate
+
+    def inference(self, config: Config, meta: dict) -> tuple[Any, Any]:
+        """(regions (K, D) -> float32 array, the tokenizer)."""
+        from jaxretrieval.data.tokenizers import build_tokenizer
+
+        return (lambda regions: np.asarray(regions, np.float32)), build_tokenizer(meta["tokenizer"])
+
+
+register(VSEInfinity())
+__all__ = ["VSEInfinity", "VSESettings", "hinge_terms", "split_state", "warmup_steps", "zero_grads"]
