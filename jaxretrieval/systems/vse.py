@@ -174,6 +174,21 @@ class VSEInfinity(System):
 
         return evaluate
 
+    def init_from(self, config: Config, path: str, meta: dict, abstract: Any, fresh: Callable[[], Any]) -> Any:
+        """A `convert bert` checkpoint (BERT-base, as the original starts from) into the text encoder's BERT, or a
+        converted / trained VSE-infinity or AAHR checkpoint; what it lacks starts fresh."""
+        from jaxretrieval import checkpoint
+
+        params = fresh()
+        if meta.get("component") == "bert":
+            width = config.model.text.width  # the pooler, which VSE-infinity never uses, is read and dropped
+            pooler = {"kernel": jnp.zeros((width, width), jnp.float32), "bias": jnp.zeros((width,), jnp.float32)}
+            loaded, _ = checkpoint.load_model(path, {"bert": {**params["text"]["bert"], "pooler": pooler}},
+                                              partial=True)
+            bert = {k: v for k, v in loaded["bert"].items() if k != "pooler"}
+            return {**params, "text": {**params["text"], "bert": bert}}
+        return checkpoint.load_model(path, params, partial=True)[0]
+
     def inference(self, config: Config, meta: dict) -> tuple[Any, Any]:
         """(regions (K, D) -> float32 array, the tokenizer)."""
         from jaxretrieval.data.tokenizers import build_tokenizer
