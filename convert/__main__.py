@@ -15,6 +15,7 @@
                                   [--vision-layers N] [--image-size N]
                                   (LAVIS BLIP-2 pretrain_vitL: system blip2; SRC a Hugging Face Q-Former folder: a
                                    partial checkpoint for train.init_from)
+  python -m convert vse_infty SRC.pth OUT [--vocab PATH] [--heads N]   (VSE-infinity's model_best.pth: system vse_infty)
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from jaxretrieval.errors import add_verbose, command, parse_command_line, probe_
 # The packages each command needs before it reads anything (reading a .safetensors source also needs safetensors).
 NEEDS = {"clip": ("torch",), "beit3": ("torch",), "ctl": ("torch",), "clip-export": ("safetensors",),
          "bert": ("torch",), "bert-export": ("safetensors",), "xvlm": ("torch",), "uit": ("torch",),
-         "swin": ("torch",), "blip2": ("torch",)}
+         "swin": ("torch",), "blip2": ("torch",), "vse_infty": ("torch",)}
 WHAT = {"clip": "converted checkpoint", "beit3": "converted checkpoint", "ctl": "converted checkpoint",
         "clip-export": "exported model", "bert": "converted checkpoint", "bert-export": "exported model",
         "xvlm": "converted checkpoint", "uit": "converted checkpoint", "swin": "partial checkpoint",
-        "blip2": "converted checkpoint"}
+        "blip2": "converted checkpoint", "vse_infty": "converted checkpoint"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -125,9 +126,16 @@ def _parser() -> argparse.ArgumentParser:
                                                          "ViT-L, as LAVIS's clip_L; all but the last otherwise)")
     blip2.add_argument("--image-size", type=int, help="resample the ViT's position grid to this input size, as "
                                                       "LAVIS does (bicubic, corners aligned)")
+    vse = families.add_parser("vse_infty", help="a VSE-infinity checkpoint (BUTD regions + BERT, GPO) -> a system "
+                                                "vse_infty checkpoint")
+    vse.add_argument("src", help="model_best.pth ({'model': [img_enc, txt_enc], 'opt': ...}) or a plain state dict")
+    vse.add_argument("out", help="new folder for the checkpoint (must not exist)")
+    vse.add_argument("--vocab", help="bert-base-uncased's vocab.txt (or tokenizer.json); embedded in the checkpoint "
+                                     "(load and evaluate need it)")
+    vse.add_argument("--heads", type=int, help="the BERT's attention heads (default: its width / 64)")
     add_verbose(parser)
     # -v after the family name too, without resetting one given before it
-    for family in (clip, export, beit3, ctl, bert, bert_export, xvlm, uit, swin, blip2):
+    for family in (clip, export, beit3, ctl, bert, bert_export, xvlm, uit, swin, blip2, vse):
         family.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                             help="show the traceback of an error")
     return parser
@@ -142,6 +150,10 @@ def check_out(out: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> str:
+    if args.command == "vse_infty":
+        from convert.vse import import_vse
+
+        return str(import_vse(args.src, args.out, vocab=args.vocab, heads=args.heads))
     if args.command == "blip2":
         from convert.blip2 import import_blip2
 
