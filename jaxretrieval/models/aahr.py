@@ -12,7 +12,9 @@ Its code is not public; where the paper leaves a detail open the choice is ours,
   hinge term; retrieval uses the embeddings before it, so evaluation cost stays that of VSE-infinity.
 - Momentum encoders with queues (MoCo / ALBEF style): an EMA copy of every part that makes an embedding, its
   features of the batch enqueued into fixed-size image and text queues with their image ids; the online embeddings
-  are contrasted (InfoNCE, same image id = positive) against the momentum batch plus the queue.
+  are contrasted (InfoNCE, same image id = positive) against the momentum batch plus the queue. The copy's batch
+  norm normalises by the batch's own statistics (as MoCo's key encoder in train mode); its running statistics are the
+  online encoder's (`momentum_copy` shares non-parameter state), used by neither at training time.
 - Prototypes: spherical k-means over both queues, refreshed every `refresh` steps from a key of the seed and step
   (the same run always finds the same centres); each online embedding is trained to predict the prototype of its
   pair's momentum embedding (cross-entropy over prototype similarities / temperature).
@@ -26,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxretrieval.models.momentum import momentum_copy
 from jaxretrieval.models.vse import VSE, l2norm, region_inputs, torch_linear
-from jaxretrieval.models.xvlm import momentum_copy
 
 MOMENTUM_PARTS = ("image", "text", "image_global", "text_global", "image_gate", "text_gate")
 

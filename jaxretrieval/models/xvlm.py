@@ -30,33 +30,10 @@ from jaxretrieval.models.beit2 import Beit2
 from jaxretrieval.models.bert import Bert, FusionHeads, ITMHead, MLMHead
 from jaxretrieval.models.clip import l2_normalize
 from jaxretrieval.models.layers import dense
+from jaxretrieval.models.momentum import momentum_copy
 from jaxretrieval.models.resnet import ResNet
 
 MOMENTUM_PARTS = ("vision", "text", "vision_proj", "text_proj")
-
-
-class Momentum(nnx.Variable):
-    """An exponential-moving-average copy of a parameter: state, not trained."""
-
-
-def momentum_copy(module: nnx.Module) -> nnx.Module:
-    """A new module with `module`'s structure whose parameters are `Momentum` variables holding the same values."""
-    graphdef, state = nnx.split(module)
-    state = jax.tree.map(lambda v: Momentum(v[...]) if isinstance(v, nnx.Param) else v, state,
-                         is_leaf=lambda v: isinstance(v, nnx.Variable))
-    return nnx.merge(graphdef, state)
-
-
-def ema(momentum: Any, online: Any, m: float | jax.Array) -> Any:
-    """m * momentum + (1 - m) * online, leaf for leaf (pure dicts; `online` may hold more keys than `momentum`)."""
-    if isinstance(momentum, dict):
-        return {key: ema(value, online[key], m) for key, value in momentum.items()}
-    return m * momentum + (1.0 - m) * online
-
-
-def momentum_update(params: dict, m: float | jax.Array) -> dict:
-    """The new `params["momentum"]` from the online parameters of the same names (the text copy: its layers only)."""
-    return {part: ema(params["momentum"][part], params[part], m) for part in params["momentum"]}
 
 
 class XVLM(FusionHeads, nnx.Module):

@@ -25,8 +25,8 @@ from jaxretrieval.config import Config, ConfigError
 from jaxretrieval.data.precomp_pipeline import global_features
 from jaxretrieval.losses.contrastive import soft_cross_entropy
 from jaxretrieval.models.aahr import AAHR, enqueue, kmeans
+from jaxretrieval.models.momentum import momentum_update
 from jaxretrieval.models.vse import l2norm
-from jaxretrieval.models.xvlm import momentum_update
 from jaxretrieval.systems import register
 from jaxretrieval.systems.base import Check, GradFn
 from jaxretrieval.systems.vse import VSEInfinity, VSESettings, hinge_terms, split_state, warmup_steps, zero_grads

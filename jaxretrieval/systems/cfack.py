@@ -40,7 +40,8 @@ from jaxretrieval.data.sources import CaptionRecord, DataError
 from jaxretrieval.data.transforms import load_image
 from jaxretrieval.losses.contrastive import contrastive_loss
 from jaxretrieval.losses.matching import hard_negatives, itm_loss, matching_batch, mlm_loss
-from jaxretrieval.models.xvlm import XVLM, momentum_update
+from jaxretrieval.models.momentum import momentum_update
+from jaxretrieval.models.xvlm import XVLM
 from jaxretrieval.retrieval.rerank import CrossEncoder, fusion_cross_encoder
 from jaxretrieval.systems import register
 from jaxretrieval.systems.base import Check, GradFn, System
