@@ -237,8 +237,8 @@ def build_config(sizes: VSESizes, saved: dict[str, Any] | None = None) -> Config
                  "train.weight_decay": 1e-4, "train.decay_vectors": "true", "train.b2": 0.999, "train.eps": 1e-8,
                  "train.grad_clip": float(opt["grad_clip"]), "eval.protocol": "image_text"}
     data_name = (saved or {}).get("data_name")
-    if data_name in ("coco", "f30k"):  # the precomp folders of the original's README
-        overrides["data.root"] = f"data/{data_name}"
+    if data_name in ("coco", "f30k"):  # the precomp folders of configs/{coco,f30k}/vse_infty.yaml
+        overrides["data.root"] = f"data/{data_name}_precomp"
     if data_name == "coco":  # the 5K test images, and COCO's 1K protocol over 5 folds of them
         overrides.update({"data.test_file": "testall", "eval.folds": 5})
     listed_overrides = [f"{key}={value}" for key, value in overrides.items()]

@@ -176,7 +176,7 @@ def test_convert_command_writes_a_loadable_checkpoint(reference, tmp_path, capsy
     assert (config.section.region_dim, config.section.region_mlp, config.section.hinge_warmup_epochs) == (REGION,
                                                                                                           True, 1)
     assert (config.train.epochs, config.train.lr, config.train.milestones, config.data.root) == (25, 5e-4, [15],
-                                                                                                 "data/f30k")
+                                                                                                 "data/f30k_precomp")
     assert read_meta_at(tmp_path / "out")["converted_from"]["Eiters"] == 4321
     assert main(["vse_infty", str(src), str(tmp_path / "out")]) == 2  # OUT exists: refused before reading
     assert "already exists" in capsys.readouterr().err
@@ -269,5 +269,5 @@ def test_released_sizes_name_the_preset() -> None:
                           {"data_name": "coco", "max_violation": True})
     assert (config.model.name, config.model.text.context_length, config.section.region_dim) == ("vse_bert_base", 64,
                                                                                                 2048)
-    assert (config.data.root, config.data.test_file, config.eval.folds) == ("data/coco", "testall", 5)
+    assert (config.data.root, config.data.test_file, config.eval.folds) == ("data/coco_precomp", "testall", 5)
     assert (config.section.hinge_warmup_epochs, config.train.epochs, config.train.batch_size) == (0, 25, 128)
