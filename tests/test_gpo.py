@@ -262,3 +262,27 @@ def test_hinge_loss_hand_worked() -> None:
     np.testing.assert_allclose(vse_hinge_loss(rows, rows, 0.5, max_violation=True), 2.44, rtol=1e-6)
     for max_violation in (False, True):
         np.testing.assert_allclose(vse_hinge_loss(rows, rows, 0.1, max_violation), 0.24, rtol=1e-5)
+
+
+def test_rank_pooling_equals_sorting_with_ties_and_padding_gradients_included():
+    """GPO pools by ranks (no sort); with many tied values and padded rows it equals a descending stable sort."""
+    from jaxretrieval.models.gpo import MASKED_SCORE, descending_ranks
+
+    x = jnp.asarray(np.random.default_rng(0).integers(-2, 3, (3, 7, 5)).astype(np.float32))
+    lengths = jnp.array([7, 4, 1])
+    valid = (jnp.arange(7)[None, :] < lengths[:, None])[..., None]
+    weights = jax.nn.softmax(jnp.asarray(np.random.default_rng(1).standard_normal((3, 7, 1))), axis=1)
+
+    def by_sort(x):
+        ranked = -jnp.sort(-jnp.where(valid, x, MASKED_SCORE), axis=1, stable=True)
+        return jnp.sum(jnp.where(valid, ranked, 0.0) * weights, axis=1)
+
+    def by_rank(x):
+        rank = descending_ranks(jnp.where(valid, x, MASKED_SCORE))
+        return jnp.sum(jnp.where(valid, x * jnp.take_along_axis(jnp.broadcast_to(weights, x.shape), rank, 1), 0), 1)
+
+    np.testing.assert_allclose(by_rank(x), by_sort(x), atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: (by_rank(v) ** 2).sum())(x),
+                               jax.grad(lambda v: (by_sort(v) ** 2).sum())(x), atol=1e-6)
+    ranks = np.asarray(descending_ranks(x))
+    assert all(sorted(ranks[b, :, d]) == list(range(7)) for b in range(3) for d in range(5))
