@@ -25,6 +25,7 @@ import numpy as np
 from jaxretrieval.data.pipeline import EvalInputs
 from jaxretrieval.data.precomp import PrecompSource, open_features, parse_ref
 from jaxretrieval.data.sources import CaptionRecord
+from jaxretrieval.data.transforms import EncodePair
 from jaxretrieval.errors import DataError
 
 GLOBAL_FILES = ("{split}_clip_ims.npy", "{split}_clip_caps.npy")
@@ -53,6 +54,29 @@ def noisy_caption(words: list[list[int]], rng: np.random.Generator, *, mask_id: 
         elif draw / p < 0.6:
             out.extend(int(rng.integers(vocab_size)) for _ in pieces)
     return out
+
+
+def noisy_tokens(tokenizer: Any, caption: str, rng: np.random.Generator, p: float) -> np.ndarray:
+    """A caption's token row with VSE-infinity's training noise at word rate p (none at 0)."""
+    words = tokenizer.word_pieces(caption)
+    ids = (noisy_caption(words, rng, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size, p=p) if p
+           else [i for word in words for i in word])
+    return pack_caption(ids, tokenizer)
+
+
+class NoisyCaptionPair(EncodePair):
+    """EncodePair (an image file and its caption; the image transform and flip as configured) whose caption gets
+    VSE-infinity's training noise: the raw-image ("backbone") mode's examples."""
+
+    def __init__(self, *args: Any, caption_noise: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.caption_noise = caption_noise
+
+    def random_map(self, record: CaptionRecord, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+        out = super().random_map(record, rng)
+        if out is not None:
+            out["text"] = noisy_tokens(self.tokenizer, record.caption, rng, self.caption_noise)
+        return out
 
 
 def pack_caption(ids: list[int], tokenizer: Any) -> np.ndarray:
@@ -126,10 +150,8 @@ class PrecompEncode(grain.transforms.RandomMap):
 
     def random_map(self, record: CaptionRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
         regions, length = drop_regions(self.regions(record.image), rng, self.region_drop)
-        words = self.tokenizer.word_pieces(record.caption)
-        ids = noisy_caption(words, rng, mask_id=self.tokenizer.mask_id, vocab_size=self.tokenizer.vocab_size,
-                            p=self.caption_noise) if self.caption_noise else [i for w in words for i in w]
-        out = {"image": regions, "image_lengths": np.int32(length), "text": pack_caption(ids, self.tokenizer),
+        out = {"image": regions, "image_lengths": np.int32(length),
+               "text": noisy_tokens(self.tokenizer, record.caption, rng, self.caption_noise),
                "group": np.int32(record.group), "origin": np.array([record.file, record.line], np.int32)}
         if self.globals is not None:
             out.update(image_global=self.globals.image(record.group), text_global=self.globals.caption(record.line))
@@ -172,5 +194,5 @@ def precomp_eval_inputs(source: PrecompSource, tokenizer: Any, globals_: GlobalF
                       np.arange(source.num_images, dtype=np.int32))
 
 
-__all__ = ["GlobalFeatures", "PrecompEncode", "RegionGallery", "Rows", "drop_regions", "global_features",
-           "noisy_caption", "pack_caption", "precomp_eval_inputs"]
+__all__ = ["GlobalFeatures", "NoisyCaptionPair", "PrecompEncode", "RegionGallery", "Rows", "drop_regions",
+           "global_features", "noisy_caption", "noisy_tokens", "pack_caption", "precomp_eval_inputs"]

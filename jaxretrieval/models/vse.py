@@ -10,7 +10,11 @@ region-feature image encoder and a BERT text encoder, each pooled by GPO into on
   caption's tokens ([CLS] and [SEP] included) -> L2 normalisation. No MLP on this side.
 - l2norm divides by (norm + 1e-8), as the original's.
 
-`encode_image` takes the region array (every region valid, as at evaluation) or a dict {"regions", "lengths"};
+- Raw images (the original's "backbone" option): a ResNet's last feature map is the set (see `VSE`), grids dropped
+  at random in training as EncoderImageFull does (`drop_grids`).
+
+`encode_image` takes the region array (every region valid, as at evaluation) or a dict {"regions", "lengths"}, or
+pixels with a backbone;
 `encode_text` the token ids. `updates` counts the train steps taken (the hinge loss turns to the hardest negative
 after its warm-up, `systems.vse`); it is state, checkpointed with the parameters.
 """
@@ -26,7 +30,7 @@ from flax import nnx
 
 from jaxretrieval.models.bert import Bert
 from jaxretrieval.models.gpo import GPO
-from jaxretrieval.models.resnet import BatchNorm
+from jaxretrieval.models.resnet import BatchNorm, ResNet
 
 EPS = 1e-8
 
@@ -123,18 +127,50 @@ def region_inputs(images: Any) -> tuple[jax.Array, jax.Array]:
     return regions, lengths
 
 
+def drop_grids(key: jax.Array, features: jax.Array, p: float = 0.2) -> tuple[jax.Array, jax.Array]:
+    """EncoderImageFull's training-time grid drop over (B, N, C) backbone features: per image r ~ U(0, 1); where
+    r > p each grid is dropped with probability p r, else every grid is kept. The kept grids come first in order,
+    zeros after; (features, lengths), at least one grid kept."""
+    rows, count = features.shape[:2]
+    grid_key, image_key = jax.random.split(key)
+    rate = jax.random.uniform(image_key, (rows, 1))
+    keep = jnp.where(rate > p, jax.random.uniform(grid_key, (rows, count)) > p * rate, True)
+    keep = keep.at[:, 0].set(keep[:, 0] | ~keep.any(axis=1))
+    order = jnp.argsort(~keep, axis=1, stable=True)
+    kept = jnp.take_along_axis(keep, order, axis=1)
+    moved = jnp.take_along_axis(features, order[..., None], axis=1)
+    return jnp.where(kept[..., None], moved, 0), keep.sum(axis=1)
+
+
 class VSE(nnx.Module):
-    """The VSE-infinity model: `image` and `text` encoders into one E-dimensional space."""
+    """The VSE-infinity model: `image` and `text` encoders into one E-dimensional space. With `backbone` (a ResNet's
+    stage sizes) the image side reads pixels: the ResNet's last feature map (batch norms frozen) is the set of
+    grid features that fc (no MLP, the original's "backbone" option) and GPO pool."""
 
     def __init__(self, *, region_dim: int, embed_dim: int, bert: dict[str, Any], region_mlp: bool = True,
-                 pad_id: int = 0, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+                 backbone: dict[str, Any] | None = None, pad_id: int = 0, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         self.dtype = dtype
+        self.backbone = ResNet(**backbone, last_stride=2, stem_relu=True, rngs=rngs, dtype=dtype) if backbone else None
+        if self.backbone is not None:
+            region_dim, region_mlp = self.backbone.features, False
         self.image = RegionEncoder(region_dim, embed_dim, mlp=region_mlp, rngs=rngs, dtype=dtype)
         self.text = TextEncoder(bert, embed_dim, pad_id=pad_id, rngs=rngs, dtype=dtype)
         self.updates = Counter(jnp.zeros((), jnp.int32))
 
-    def encode_image(self, images: Any, normalize: bool = True, *, train: bool = False) -> jax.Array:
-        regions, lengths = region_inputs(images)
+    def image_sets(self, images: Any, drop_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(features (B, K, D), lengths): the regions given, or the backbone's grids of the pixels given (dropped at
+        random with `drop_key`)."""
+        if self.backbone is None:
+            return region_inputs(images)
+        grid = self.backbone(images, train=False)
+        grid = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+        if drop_key is not None:
+            return drop_grids(drop_key, grid)
+        return grid, jnp.full((grid.shape[0],), grid.shape[1], jnp.int32)
+
+    def encode_image(self, images: Any, normalize: bool = True, *, train: bool = False,
+                     drop_key: jax.Array | None = None) -> jax.Array:
+        regions, lengths = self.image_sets(images, drop_key)
         pooled = self.image(regions.astype(self.dtype), lengths, train=train).astype(jnp.float32)
         return l2norm(pooled) if normalize else pooled
 
@@ -143,5 +179,5 @@ class VSE(nnx.Module):
         return l2norm(pooled) if normalize else pooled
 
 
-__all__ = ["Counter", "RegionEncoder", "RegionMLP", "TextEncoder", "VSE", "l2norm", "region_inputs",
+__all__ = ["Counter", "drop_grids", "RegionEncoder", "RegionMLP", "TextEncoder", "VSE", "l2norm", "region_inputs",
            "torch_linear", "valid_rows"]

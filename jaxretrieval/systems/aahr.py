@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxretrieval.config import Config, ConfigError
+from jaxretrieval.config_checks import PRECOMP_KINDS
 from jaxretrieval.data.precomp_pipeline import global_features
 from jaxretrieval.losses.contrastive import soft_cross_entropy
 from jaxretrieval.models.aahr import AAHR, enqueue, kmeans
@@ -85,6 +86,7 @@ class AAHRSystem(VSEInfinity):
     families = ("vse",)
     losses = ("aahr",)
     converters = ()
+    data_kinds = PRECOMP_KINDS
     Section = AAHRSettings
     state_keys = ("updates", "momentum", "queues", "prototypes")
 
@@ -92,6 +94,8 @@ class AAHRSystem(VSEInfinity):
         s, batch = config.section, config.train.batch_size
         return [
             *super().check(config),
+            (s.image_source == "precomp", "system aahr reads region features: aahr.image_source precomp (the raw-image "
+                                          "mode is vse_infty's)"),
             (s.relation in ("gat", "gcn", "none"), "aahr.relation must be gat, gcn or none"),
             (s.relation_k >= 1, "aahr.relation_k must be >= 1"),
             (0 <= s.momentum < 1, "aahr.momentum must be in [0, 1) (0: no momentum encoders)"),

@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 
 from jaxretrieval.config import Config, ConfigError
-from jaxretrieval.config_checks import PRECOMP_KINDS, no_layer_recipe
-from jaxretrieval.data.pipeline import caption_source, data_root
-from jaxretrieval.data.precomp_pipeline import PrecompEncode, precomp_eval_inputs
+from jaxretrieval.config_checks import CAPTION_KINDS, PRECOMP_KINDS, no_layer_recipe
+from jaxretrieval.data.pipeline import caption_source, data_root, make_preprocess
+from jaxretrieval.data.precomp_pipeline import NoisyCaptionPair, PrecompEncode, precomp_eval_inputs
 from jaxretrieval.losses.hinge import vse_hinge_loss
 from jaxretrieval.models.vse import VSE
 from jaxretrieval.systems import register
@@ -46,6 +46,13 @@ class VSESettings:
     region_drop: float = 0.2  # training: the chance each region is dropped
     caption_noise: float = 0.2  # training: the chance each word is masked, replaced or deleted (0: off)
     max_positions: int = 512  # BERT's position table
+    # precomp: region features (data.kind precomp / precomp_demo); resnet: raw images (any caption data.kind) through
+    # a ResNet whose last feature map gives the grid features (the original's "backbone" option), batch norms frozen,
+    # grids dropped at random in training; start it from torchvision weights with `convert ctl` + train.init_from.
+    image_source: str = "precomp"
+    backbone_layers: tuple[int, int, int, int] = (3, 8, 36, 3)  # ResNet-152 (50: 3 4 6 3, 101: 3 4 23 3)
+    backbone_width: int = 64
+    backbone_lr_scale: float = 0.01  # the backbone's lr relative to train.lr (backbone_lr_factor)
 
 
 def warmup_steps(config: Config) -> int:
@@ -80,15 +87,20 @@ class VSEInfinity(System):
     families = ("vse",)
     losses = ("hinge",)
     protocols = ("image_text",)
-    data_kinds = PRECOMP_KINDS
+    data_kinds = PRECOMP_KINDS + CAPTION_KINDS
     converters = ("vse_infty",)
     Section = VSESettings
     state_keys: tuple[str, ...] = ("updates",)  # top-level state the train step writes (not trained)
 
     def check(self, config: Config) -> list[Check]:
         s, text = config.section, config.model.text
+        precomp = config.data.kind in PRECOMP_KINDS
         return [
             *no_layer_recipe(config),
+            (s.image_source in ("precomp", "resnet"), f"{self.name}.image_source must be precomp or resnet"),
+            (precomp == (s.image_source == "precomp"),
+             f"{self.name}.image_source {s.image_source} with data.kind {config.data.kind}: region features "
+             f"(precomp, precomp_demo) go with image_source precomp, images with image_source resnet"),
             (config.data.tokenizer_kind == "wordpiece" or config.data.tokenizer == "checkpoint",
              f"system {self.name} reads captions with BERT's WordPiece: data.tokenizer_kind: wordpiece"),
             (s.hinge_warmup_epochs == 0 or config.train.epochs > 0,
@@ -109,17 +121,31 @@ class VSEInfinity(System):
 
     def build(self, config: Config, *, rngs: nnx.Rngs, dtype: Any) -> VSE:
         s = config.section
+        backbone = (dict(layers=tuple(s.backbone_layers), width=s.backbone_width) if s.image_source == "resnet"
+                    else None)
         return VSE(region_dim=s.region_dim, embed_dim=config.model.embed_dim, bert=self.bert(config),
-                   region_mlp=s.region_mlp, rngs=rngs, dtype=dtype)
+                   region_mlp=s.region_mlp, backbone=backbone, rngs=rngs, dtype=dtype)
 
     def lr_scale(self, config: Config) -> Callable[[str], Any] | None:
-        scale = config.section.bert_lr_scale
-        return None if scale == 1 else (lambda path: scale if path.startswith("text/bert/") else 1.0)
+        s = config.section
+        if s.bert_lr_scale == 1 and (s.image_source != "resnet" or s.backbone_lr_scale == 1):
+            return None
+
+        def scale(path: str) -> float:
+            if path.startswith("text/bert/"):
+                return s.bert_lr_scale
+            return s.backbone_lr_scale if path.startswith("backbone/") else 1.0
+
+        return scale
+
+    def image_inputs(self, batch: dict) -> Any:
+        """What `encode_image` takes from a training batch: regions with their lengths, or pixels."""
+        return {"regions": batch["image"], "lengths": batch["image_lengths"]} if "image_lengths" in batch \
+            else batch["image"]
 
     def losses_of(self, config: Config, model: Any, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
         """(loss, logged terms) of one batch, the model in train mode (its batch norms update in place)."""
-        del key
-        image = model.encode_image({"regions": batch["image"], "lengths": batch["image_lengths"]}, train=True)
+        image = model.encode_image(self.image_inputs(batch), train=True, drop_key=key)
         text = model.encode_text(batch["text"])
         terms = hinge_terms(image, text, config.section.margin, model.updates[...], warmup_steps(config))
         return terms["loss_hinge"], terms
@@ -143,8 +169,12 @@ class VSEInfinity(System):
         return fn
 
     def task(self, config: Config, init_meta: dict) -> Task:
-        def encode(config: Config, root: Any, tokenizer: Any, source: Any) -> PrecompEncode:
+        def encode(config: Config, root: Any, tokenizer: Any, source: Any) -> Any:
             s = config.section
+            if s.image_source == "resnet":
+                return NoisyCaptionPair(make_preprocess(config, train=True), tokenizer, flip=config.data.flip,
+                                        skip_bad=config.data.skip_bad_records, files=source.paths,
+                                        where=source.where, caption_noise=s.caption_noise)
             self.check_source(config, source)
             return PrecompEncode(tokenizer, region_drop=s.region_drop, caption_noise=s.caption_noise,
                                  globals_=self.globals_of(config, source))
@@ -164,6 +194,8 @@ class VSEInfinity(System):
     def evaluator(self, config: Config, tokenizer: Any, source: Any = None) -> Evaluator:
         from jaxretrieval.evaluate import evaluate_retrieval
 
+        if config.section.image_source == "resnet":
+            return super().evaluator(config, tokenizer, source)
         source = source or caption_source(config, data_root(config), config.eval.split)
         self.check_source(config, source)
         inputs = precomp_eval_inputs(source, tokenizer, self.globals_of(config, source))
@@ -190,9 +222,11 @@ class VSEInfinity(System):
         return checkpoint.load_model(path, params, partial=True)[0]
 
     def inference(self, config: Config, meta: dict) -> tuple[Any, Any]:
-        """(regions (K, D) -> float32 array, the tokenizer)."""
+        """(regions (K, D) -> float32 array, or the image transform of raw-image mode; the tokenizer)."""
         from jaxretrieval.data.tokenizers import build_tokenizer
 
+        if config.section.image_source == "resnet":
+            return super().inference(config, meta)
         return (lambda regions: np.asarray(regions, np.float32)), build_tokenizer(meta["tokenizer"])
 
 
