@@ -1,7 +1,8 @@
 """AAHR (arXiv 2507.09256; code unreleased): VSE-infinity (systems/vse.py) plus global-guided aggregation over frozen
 CLIP features, relation GNNs over the batch, momentum encoders with queues and clustering prototypes
 (models/aahr.py names each choice the paper leaves open). Every addition is switched and weighted in the `aahr`
-section, so `aahr` with all of them off trains exactly `vse_infty`; each term is logged on its own:
+section, so `aahr` with all of them off trains `vse_infty`'s model on its loss (the same losses up to float rounding:
+the two steps compile differently); each term is logged on its own:
 
     loss = hinge_weight x hinge(v, t) + relation_weight x hinge(gnn(v; t), gnn(t; v))
          + momentum_weight x InfoNCE(v, t vs the momentum batch + queue) + prototype_weight x prototype CE
