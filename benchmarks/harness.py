@@ -29,6 +29,31 @@ def time_steps(step: Callable[[], Any], warmup: int, steps: int) -> tuple[float,
     return times[0], statistics.median(times[max(warmup, 1):]), outputs
 
 
+def time_trainer_step(config: Any, host_batch: dict, warmup: int, steps: int) -> dict[str, Any]:
+    """jaxretrieval's own jitted train step (`train.setup_training`) on one batch, timed by `time_steps`: the row
+    of the side-by-side table."""
+    import jax
+    import numpy as np
+
+    from jaxretrieval import train
+    from jaxretrieval.sharding import global_batch, make_mesh
+
+    mesh = make_mesh(config.mesh)
+    _, params, opt_state, step_fn = train.setup_training(config, mesh)
+    batch = global_batch(host_batch, mesh)
+    state = {"params": params, "opt": opt_state, "step": 0}
+
+    def step() -> None:
+        state["step"] += 1
+        state["params"], state["opt"], metrics = step_fn(state["params"], state["opt"], batch,
+                                                         np.int32(state["step"]))
+        float(jax.block_until_ready(metrics["loss"]))
+
+    first, median, _ = time_steps(step, warmup, steps)
+    return {"framework": "jaxretrieval", "device": jax.devices()[0].device_kind, "first_step_s": first,
+            "step_s": median}
+
+
 def package_version(name: str) -> str:
     try:
         return version(name)

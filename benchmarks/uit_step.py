@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps
+from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps, time_trainer_step
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {  # swin (image size, patch, embed, depths, heads, window), bert (vocab, width, layers, heads, fusion), dims
@@ -110,27 +110,10 @@ def config_overrides(size: str, args: argparse.Namespace) -> list[str]:
 
 
 def bench_jax(args: argparse.Namespace) -> dict:
-    import jax
-
-    from jaxretrieval import train
     from jaxretrieval.config import load_config
-    from jaxretrieval.sharding import make_mesh
 
     config = load_config(REPO / "configs" / "pab" / "uit_swinb.yaml", config_overrides(args.size, args))
-    mesh = make_mesh(config.mesh)
-    _, params, opt_state, step_fn = train.setup_training(config, mesh)
-    batch = train.global_batch(make_batch(args.size, args.batch), mesh)
-    state = {"params": params, "opt": opt_state, "step": 0}
-
-    def step() -> None:
-        state["step"] += 1
-        state["params"], state["opt"], metrics = step_fn(state["params"], state["opt"], batch,
-                                                         np.int32(state["step"]))
-        float(jax.block_until_ready(metrics["loss"]))
-
-    first, median, _ = time_steps(step, args.warmup, args.steps)
-    return {"framework": "jaxretrieval", "device": jax.devices()[0].device_kind, "first_step_s": first,
-            "step_s": median}
+    return time_trainer_step(config, make_batch(args.size, args.batch), args.warmup, args.steps)
 
 
 def bench_torch(args: argparse.Namespace) -> dict:
