@@ -63,7 +63,15 @@ from convert import ConvertError
 from convert.clip import open_source, per_layer, settings_for
 from convert.clip_layout import LAYOUTS, OPENAI, Layout, _ratio, infer_sizes, peek, to_ours
 from convert.presets import named_config, preset_name, wordpiece_vocab
-from convert.sources import count_indexed, listed, load_hf_weights, load_tensors, load_wrapped_state, read_json
+from convert.sources import (
+    check_keys,
+    count_indexed,
+    listed,
+    load_hf_weights,
+    load_tensors,
+    load_wrapped_state,
+    read_json,
+)
 from convert.uit import _prune, _stacked
 from convert.xvlm import fit
 from jaxretrieval.checkpoint import write_model
@@ -298,23 +306,15 @@ def lavis_flat(state: dict[str, np.ndarray], q: QFormerSizes, where: str) -> tup
     """Our flat `retrieval/...` tensors and the skipped keys; missing and unexpected keys are a ConvertError.
     `visual_encoder.*` is the ViT's (checked there)."""
     needed = {theirs for _, theirs, _ in lavis_pairs(q.layers, q.cross_every)}
-    missing = sorted(needed - state.keys())
-    if missing:
-        raise ConvertError(f"{where}: {len(missing)} required keys missing: {listed(missing)}")
-    skipped: Counter = Counter()
-    unexpected = []
-    for key in sorted(state.keys() - needed):
+
+    def reason(key: str) -> str | None:
         if key.startswith(VISUAL):
-            continue
+            return ""
         if key.startswith(CAPTION_HEAD):
-            skipped["captioning head (Qformer.cls.*)"] += 1
-        elif BUFFERS.search(key):
-            skipped["position_ids buffers"] += 1
-        else:
-            unexpected.append(key)
-    if unexpected:
-        raise ConvertError(f"{where}: {len(unexpected)} unexpected keys (no place in system blip2's Blip2): "
-                           f"{listed(unexpected)}")
+            return "captioning head (Qformer.cls.*)"
+        return "position_ids buffers" if BUFFERS.search(key) else None
+
+    skipped = check_keys(state, needed, where, "blip2's Blip2", reason)
     try:
         flat = flat_from_lavis(state)
     except ValueError as e:

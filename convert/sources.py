@@ -8,6 +8,8 @@ import json
 import pickle
 import re
 import zipfile
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,27 @@ def listed(keys: list[str]) -> str:
     """The first 20 keys, comma-separated, and how many there are in all when more."""
     more = f" ... ({len(keys)} in all)" if len(keys) > 20 else ""
     return ", ".join(keys[:20]) + more
+
+
+def check_keys(state: dict[str, Any], needed: set[str], where: str, system: str,
+               reason: Callable[[str], str | None]) -> Counter:
+    """The keys of `state` beyond `needed`, counted by `reason(key)` (a skip's reason; "" passes the key silently,
+    None makes it unexpected). Missing keys, then unexpected ones, are a ConvertError naming them."""
+    missing = sorted(needed - state.keys())
+    if missing:
+        raise ConvertError(f"{where}: {len(missing)} required keys missing: {listed(missing)}")
+    skipped: Counter = Counter()
+    unexpected = []
+    for key in sorted(state.keys() - needed):
+        why = reason(key)
+        if why is None:
+            unexpected.append(key)
+        elif why:
+            skipped[why] += 1
+    if unexpected:
+        raise ConvertError(f"{where}: {len(unexpected)} unexpected keys (no place in system {system}): "
+                           f"{listed(unexpected)}")
+    return skipped
 
 
 def head_pairs(ours: str, theirs: str, kind: str) -> list[tuple[str, str, bool]]:

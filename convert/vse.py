@@ -32,7 +32,7 @@ import numpy as np
 from convert import ConvertError
 from convert.bert import BertSizes, fusion_sizes, name_pairs
 from convert.presets import named_config, preset_name, wordpiece_vocab
-from convert.sources import listed, load_pickle, to_numpy
+from convert.sources import check_keys, listed, load_pickle, to_numpy
 from convert.xvlm import fit
 from jaxretrieval.checkpoint import write_model
 from jaxretrieval.config import Config, to_dict
@@ -170,20 +170,8 @@ def layout(state: dict[str, np.ndarray], sizes: VSESizes,
     gpos = [(f"{ours}/gpo/{path}", f"{prefix}gpool.{name}") for ours, prefix in (("image", IMAGE), ("text", TEXT))
             for path, name in GPO_NAMES.items()]
     needed = {theirs for _, theirs, _ in pairs} | {theirs for _, theirs in gpos}
-    missing = sorted(needed - state.keys())
-    if missing:
-        raise ConvertError(f"{where}: {len(missing)} required keys missing: {listed(missing)}")
-    skipped: Counter = Counter()
-    unexpected = []
-    for key in sorted(state.keys() - needed):
-        reason = next((why for pattern, why in SKIPPED.items() if pattern.search(key)), None)
-        if reason is None:
-            unexpected.append(key)
-        else:
-            skipped[reason] += 1
-    if unexpected:
-        raise ConvertError(f"{where}: {len(unexpected)} unexpected keys (no place in system vse_infty's VSE): "
-                           f"{listed(unexpected)}")
+    skipped = check_keys(state, needed, where, "vse_infty's VSE",
+                         lambda key: next((why for pattern, why in SKIPPED.items() if pattern.search(key)), None))
     flat = {ours: (state[theirs].T if transposed else state[theirs]) for ours, theirs, transposed in pairs}
     for ours, prefix in (("image", IMAGE), ("text", TEXT)):
         try:
