@@ -16,7 +16,7 @@ from jaxretrieval.config import ConfigError, load_config
 
 pytestmark = pytest.mark.slow  # 8 simulated devices in fresh interpreters
 
-STEPS = 20  # data parallel against FSDP (+ tensor)
+STEPS = 12  # data parallel against FSDP (+ tensor)
 VARIANT_STEPS = 6  # the loss variants, each also checked alone in test_distributed_losses
 
 RUNS = """
