@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from convert import ConvertError
-from convert.sources import count_indexed, load_hf_weights, read_json, save_safetensors, under
+from convert.sources import count_indexed, head_count, load_hf_weights, read_json, save_safetensors, under
 from jaxretrieval.checkpoint import load_model, read_meta_at, write_model
 from jaxretrieval.models.bert import Bert, MLMHead, layer_path
 from jaxretrieval.models.stacking import relayout
@@ -88,12 +88,7 @@ def fusion_sizes(state: dict[str, np.ndarray], base: str, heads: int | None, wha
 
     prefix = text_prefix(state, base)
     vocab, width = get("embeddings.word_embeddings.weight").shape
-    if heads is None and width % HEAD_DIM:
-        raise ConvertError(f"the BERT is {width} wide, no multiple of {HEAD_DIM}-wide heads: give its head count "
-                           f"with --heads")
-    heads = heads or width // HEAD_DIM
-    if width % heads:
-        raise ConvertError(f"--heads {heads} does not divide the BERT's width {width}")
+    heads = head_count(width, heads or None, "BERT", head_dim=HEAD_DIM)
     view = under(state, base)
     hf = {"vocab_size": vocab, "hidden_size": width, "num_attention_heads": heads,
           "num_hidden_layers": count_indexed(view, rf"{prefix}encoder\.layer\.(\d+)\.attention\.self\.query\.weight$"),

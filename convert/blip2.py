@@ -66,6 +66,7 @@ from convert.presets import named_config, preset_name, wordpiece_vocab
 from convert.sources import (
     check_keys,
     count_indexed,
+    head_count,
     listed,
     load_hf_weights,
     load_tensors,
@@ -165,13 +166,7 @@ def _vision_sizes(layout: Layout, state: dict[str, np.ndarray], keep: int | None
     layers = blocks if keep is None else keep
     if not 0 < layers <= blocks:
         raise ConvertError(f"{where}: {blocks} transformer blocks ('{layout.vision_blocks}.N.*'), {layers} wanted")
-    if heads is None:
-        if width % HEAD_DIM:
-            raise ConvertError(f"{where}: the ViT is {width} wide, no multiple of {HEAD_DIM}-wide heads: give its "
-                               f"head count with --vision-heads")
-        heads = width // HEAD_DIM
-    if heads <= 0 or width % heads:
-        raise ConvertError(f"--vision-heads {heads} does not divide the ViT's width {width}")
+    heads = head_count(width, heads, "ViT", "--vision-heads", HEAD_DIM, where)
     return VisionSizes(image_size=patch * grid, patch_size=patch, width=width, layers=layers, heads=heads,
                        mlp_ratio=_ratio(shape("visual/transformer/blocks/0/mlp/fc/kernel")))
 
@@ -278,24 +273,13 @@ def _cross_every(state: dict[str, np.ndarray], prefix: str, inner: str, layers: 
     return every
 
 
-def _heads(width: int, heads: int | None) -> int:
-    if heads is None:
-        if width % HEAD_DIM:
-            raise ConvertError(f"the Q-Former is {width} wide, no multiple of {HEAD_DIM}-wide heads: give its head "
-                               f"count with --heads")
-        heads = width // HEAD_DIM
-    if heads <= 0 or width % heads:
-        raise ConvertError(f"--heads {heads} does not divide the Q-Former's width {width}")
-    return heads
-
-
 def lavis_qformer_sizes(state: dict[str, np.ndarray], heads: int | None) -> QFormerSizes:
     what = "a LAVIS BLIP-2 (Blip2Qformer) checkpoint"
     vocab, width = _shape(state, f"{BERT}embeddings.word_embeddings.weight", what)
     layers = count_indexed(state, rf"{re.escape(BERT)}encoder\.layer\.(\d+)\.attention\.self\.query\.weight$")
     every = _cross_every(state, BERT, "self", layers)
     return QFormerSizes(
-        vocab_size=vocab, width=width, layers=layers, heads=_heads(width, heads),
+        vocab_size=vocab, width=width, layers=layers, heads=head_count(width, heads, "Q-Former"),
         ffn_dim=_shape(state, f"{BERT}encoder.layer.0.intermediate_query.dense.weight", what)[0],
         max_positions=_shape(state, f"{BERT}embeddings.position_embeddings.weight", what)[0], cross_every=every,
         encoder_width=_shape(state, f"{BERT}encoder.layer.0.crossattention.self.key.weight", what)[1],
@@ -537,7 +521,7 @@ def _import_hf(src: Path, out: Path, *, vocab: str | Path | None, vision: str | 
     s, where = hf.sizes, str(src)
     settings = Blip2Settings()
     q = QFormerSizes(vocab_size=s["vocab_size"] or VOCAB_SIZE, width=s["width"], layers=s["layers"],
-                     heads=_heads(s["width"], heads or s["heads"]), ffn_dim=s["ffn_dim"],
+                     heads=head_count(s["width"], heads or s["heads"], "Q-Former"), ffn_dim=s["ffn_dim"],
                      max_positions=s["max_positions"] or settings.max_positions, cross_every=s["cross_every"],
                      encoder_width=s["encoder_width"], query_tokens=s["query_tokens"] or settings.query_tokens,
                      embed_dim=s["embed_dim"] or MODEL_PRESETS["blip2_pretrain_vitl"]["embed_dim"])

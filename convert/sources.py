@@ -159,6 +159,21 @@ def listed(keys: list[str]) -> str:
     return ", ".join(keys[:20]) + more
 
 
+def head_count(width: int, heads: int | None, what: str, flag: str = "--heads", head_dim: int = 64,
+               where: str = "") -> int:
+    """`heads` when given, else width / head_dim (the 64-wide heads of BERT-base, ViT-B and ViT-L); a ConvertError
+    when that does not divide the width. `what` names the tower, `flag` the option that sets its heads."""
+    prefix = f"{where}: " if where else ""
+    if heads is None:
+        if width % head_dim:
+            raise ConvertError(f"{prefix}the {what} is {width} wide, no multiple of {head_dim}-wide heads: give its "
+                               f"head count with {flag}")
+        heads = width // head_dim
+    if heads <= 0 or width % heads:
+        raise ConvertError(f"{prefix}{flag} {heads} does not divide the {what}'s width {width}")
+    return heads
+
+
 def check_keys(state: dict[str, Any], needed: set[str], where: str, system: str,
                reason: Callable[[str], str | None]) -> Counter:
     """The keys of `state` beyond `needed`, counted by `reason(key)` (a skip's reason; "" passes the key silently,
