@@ -30,8 +30,8 @@ from jaxretrieval.models.aahr import AAHR, enqueue, kmeans
 from jaxretrieval.models.momentum import momentum_update
 from jaxretrieval.models.vse import l2norm
 from jaxretrieval.systems import register
-from jaxretrieval.systems.base import Check, GradFn
-from jaxretrieval.systems.vse import VSEInfinity, VSESettings, hinge_terms, split_state, warmup_steps, zero_grads
+from jaxretrieval.systems.base import Check
+from jaxretrieval.systems.vse import VSEInfinity, VSESettings, hinge_terms, warmup_steps
 
 
 @dataclasses.dataclass
@@ -130,59 +130,53 @@ class AAHRSystem(VSEInfinity):
         s = config.section
         return s.prototype_start if s.prototype_start >= 0 else s.queue_size // config.train.batch_size
 
-    def grad_fn(self, config: Config, graphdef: nnx.GraphDef, mesh: Any) -> GradFn:
-        s, warmup, start = config.section, warmup_steps(config), self.prototype_start(config)
+    def before_loss(self, config: Config, graphdef: nnx.GraphDef, trainable: dict, state: dict, batch: dict,
+                    key: jax.Array) -> tuple[dict, Any]:
+        """The momentum copies moved towards the online weights and their (image, text) features of the batch; the
+        prototypes re-clustered from the queues when due (from `key`: the seed's and step's)."""
+        s, state, momentum_out = config.section, dict(state), None
+        if "momentum" in state:
+            state["momentum"] = momentum_update({**trainable, "momentum": state["momentum"]}, s.momentum)
+            momentum_out = nnx.merge(graphdef, {**trainable, **state}).momentum_embeddings(*batch_inputs(batch))
+        if "prototypes" in state:
+            start, updates = self.prototype_start(config), state["updates"]
+            due = (updates >= start) & ((updates - start) % s.prototype_refresh == 0)
+            points = jnp.concatenate([state["queues"]["image"], state["queues"]["text"]])
+            state["prototypes"] = jax.lax.cond(due, lambda: kmeans(points, s.prototypes, s.kmeans_iterations, key),
+                                               lambda: state["prototypes"])
+        return state, momentum_out
 
-        def loss_fn(trainable: dict, state: dict, batch: dict, momentum_out: tuple | None) -> tuple[jax.Array, tuple]:
-            model = nnx.merge(graphdef, {**trainable, **state})
-            images, texts = batch_inputs(batch)
-            v, t = model.encode_image(images, train=True), model.encode_text(texts)
-            updates = state["updates"]
-            terms = hinge_terms(v, t, s.margin, updates, warmup)
-            total = s.hinge_weight * terms["loss_hinge"]
-            if model.image_relation is not None:
-                related = hinge_terms(model.image_relation(v, t), model.text_relation(t, v), s.margin, updates, warmup)
-                terms["loss_relation"] = related["loss_hinge"]
-                total += s.relation_weight * terms["loss_relation"]
-            if momentum_out is not None and state.get("queues") is not None:
-                v_m, t_m = momentum_out
-                terms["loss_momentum"] = queue_contrastive(v, t, v_m, t_m, state["queues"], batch["group"],
-                                                           s.momentum_temp)
-                total += s.momentum_weight * terms["loss_momentum"]
-                if state.get("prototypes") is not None:
-                    loss = prototype_loss(v, t, v_m, t_m, state["prototypes"], s.prototype_temp)
-                    terms["loss_prototype"] = jnp.where(updates >= start, loss, 0.0)
-                    total += s.prototype_weight * terms["loss_prototype"]
-            return total, (terms, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    def losses_of(self, config: Config, model: Any, batch: dict, key: jax.Array,
+                  momentum_out: tuple | None) -> tuple[jax.Array, dict]:
+        s, warmup = config.section, warmup_steps(config)
+        images, texts = batch_inputs(batch)
+        v, t = model.encode_image(images, train=True), model.encode_text(texts)
+        updates = model.updates[...]
+        terms = hinge_terms(v, t, s.margin, updates, warmup)
+        total = s.hinge_weight * terms["loss_hinge"]
+        if model.image_relation is not None:
+            related = hinge_terms(model.image_relation(v, t), model.text_relation(t, v), s.margin, updates, warmup)
+            terms["loss_relation"] = related["loss_hinge"]
+            total += s.relation_weight * terms["loss_relation"]
+        if momentum_out is not None and model.queues is not None:
+            v_m, t_m = momentum_out
+            queues = nnx.to_pure_dict(nnx.state(model.queues))
+            terms["loss_momentum"] = queue_contrastive(v, t, v_m, t_m, queues, batch["group"], s.momentum_temp)
+            total += s.momentum_weight * terms["loss_momentum"]
+            if model.prototypes is not None:
+                loss = prototype_loss(v, t, v_m, t_m, model.prototypes[...], s.prototype_temp)
+                terms["loss_prototype"] = jnp.where(updates >= self.prototype_start(config), loss, 0.0)
+                total += s.prototype_weight * terms["loss_prototype"]
+        return total, terms
 
-        def fn(params: dict, batch: dict, key: jax.Array) -> tuple[Any, dict, Any, Any]:
-            trainable, state = split_state(params, self.state_keys)
-            state = {k: state.get(k) for k in self.state_keys}
-            written: dict[str, Any] = {"updates": state["updates"] + 1}
-            momentum_out = None
-            if state["momentum"] is not None:
-                state["momentum"] = written["momentum"] = momentum_update({**trainable, "momentum": state["momentum"]},
-                                                                          s.momentum)
-                momentum_out = nnx.merge(graphdef, {**trainable, **_present(state)}).momentum_embeddings(
-                    *batch_inputs(batch))
-            if state["prototypes"] is not None:
-                due = (state["updates"] >= start) & ((state["updates"] - start) % s.prototype_refresh == 0)
-                points = jnp.concatenate([state["queues"]["image"], state["queues"]["text"]])
-                state["prototypes"] = written["prototypes"] = jax.lax.cond(
-                    due, lambda: kmeans(points, s.prototypes, s.kmeans_iterations, key),
-                    lambda: state["prototypes"])
-            present = _present(state)
-            (loss, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, present, batch,
-                                                                                      momentum_out)
-            if state["queues"] is not None:
-                written["queues"] = enqueue(state["queues"], *momentum_out, batch["group"])
-            return loss, terms, {**grads, **zero_grads(present)}, {**stats, **written}
-
-        return fn
-
-
-def _present(state: dict) -> dict:
-    return {k: v for k, v in state.items() if v is not None}
+    def written_state(self, config: Config, state: dict, momentum_out: Any, batch: dict) -> dict:
+        """The step count, the moved momentum copies, the prototypes, and the queues with the batch's momentum
+        features written in."""
+        written = {**super().written_state(config, state, momentum_out, batch),
+                   **{k: state[k] for k in ("momentum", "prototypes") if k in state}}
+        if "queues" in state:
+            written["queues"] = enqueue(state["queues"], *momentum_out, batch["group"])
+        return written
 
 
 register(AAHRSystem())

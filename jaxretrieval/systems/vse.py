@@ -143,27 +143,35 @@ class VSEInfinity(System):
         return {"regions": batch["image"], "lengths": batch["image_lengths"]} if "image_lengths" in batch \
             else batch["image"]
 
-    def losses_of(self, config: Config, model: Any, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    def before_loss(self, config: Config, graphdef: nnx.GraphDef, trainable: dict, state: dict, batch: dict,
+                    key: jax.Array) -> tuple[dict, Any]:
+        """(the state the loss reads, what the loss needs besides the batch), made before the gradient (AAHR: its
+        momentum copies' update and features, its prototypes); VSE-infinity: the state as it is, nothing."""
+        return state, None
+
+    def losses_of(self, config: Config, model: Any, batch: dict, key: jax.Array, extra: Any) -> tuple[jax.Array, dict]:
         """(loss, logged terms) of one batch, the model in train mode (its batch norms update in place)."""
         image = model.encode_image(self.image_inputs(batch), train=True, drop_key=key)
         text = model.encode_text(batch["text"])
         terms = hinge_terms(image, text, config.section.margin, model.updates[...], warmup_steps(config))
         return terms["loss_hinge"], terms
 
-    def new_state(self, config: Config, model: Any, state: dict) -> dict:
-        """The state the step writes besides the batch statistics: the step count (subclasses add theirs)."""
+    def written_state(self, config: Config, state: dict, extra: Any, batch: dict) -> dict:
+        """The state the step writes besides the batch statistics: the step count (AAHR adds its own)."""
         return {"updates": state["updates"] + 1}
 
     def grad_fn(self, config: Config, graphdef: nnx.GraphDef, mesh: Any) -> GradFn:
-        def loss_fn(trainable: dict, state: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, tuple]:
+        def loss_fn(trainable: dict, state: dict, batch: dict, key: jax.Array, extra: Any) -> tuple[jax.Array, tuple]:
             model = nnx.merge(graphdef, {**trainable, **state})
-            loss, terms = self.losses_of(config, model, batch, key)
-            written = {**nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), **self.new_state(config, model, state)}
-            return loss, (terms, written)
+            loss, terms = self.losses_of(config, model, batch, key, extra)
+            return loss, (terms, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
 
         def fn(params: dict, batch: dict, key: jax.Array) -> tuple[Any, dict, Any, Any]:
             trainable, state = split_state(params, self.state_keys)
-            (loss, (terms, written)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, state, batch, key)
+            state, extra = self.before_loss(config, graphdef, trainable, state, batch, key)
+            (loss, (terms, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, state, batch, key,
+                                                                                      extra)
+            written = {**stats, **self.written_state(config, state, extra, batch)}
             return loss, terms, {**grads, **zero_grads(state)}, written
 
         return fn
