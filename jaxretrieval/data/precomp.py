@@ -94,6 +94,7 @@ class PrecompSource:
         self.features = open_features(self.features_path)
         count = int(self.features.shape[0])
         lines = list(raw_lines(self.captions_path))
+        self.num_lines = len(lines)  # caption lines, blank and skipped ones included
         if len(lines) == 5 * count:
             self.im_div = 5
         elif len(lines) == count:

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from jaxretrieval.data.pipeline import EvalInputs
-from jaxretrieval.data.precomp import PrecompSource, open_features, parse_ref
+from jaxretrieval.data.precomp import PrecompSource
 from jaxretrieval.data.sources import CaptionRecord
 from jaxretrieval.data.transforms import EncodePair
 from jaxretrieval.errors import DataError
@@ -125,31 +125,20 @@ class GlobalFeatures:
 
 
 def global_features(source: PrecompSource) -> GlobalFeatures:
-    lines = sum(1 for _ in source.captions_path.open("rb"))
-    return GlobalFeatures(source.root, source.split, source.num_images, lines)
+    return GlobalFeatures(source.root, source.split, source.num_images, source.num_lines)
 
 
 class PrecompEncode(grain.transforms.RandomMap):
-    """CaptionRecord (a precomp:// image) -> {"image" (K, D) float32, "image_lengths", "text", "group", "origin"}
-    (+ "image_global", "text_global" with `globals_`)."""
+    """CaptionRecord of `source` -> {"image" (K, D) float32, "image_lengths", "text", "group", "origin"} (+
+    "image_global", "text_global" with `globals_`). Picklable: the source reopens its memory map in each worker."""
 
-    def __init__(self, tokenizer: Any, *, region_drop: float, caption_noise: float,
+    def __init__(self, source: PrecompSource, tokenizer: Any, *, region_drop: float, caption_noise: float,
                  globals_: GlobalFeatures | None = None):
-        self.tokenizer, self.region_drop, self.caption_noise, self.globals = (tokenizer, region_drop, caption_noise,
-                                                                              globals_)
-        self._features: dict[Path, np.ndarray] = {}
-
-    def regions(self, ref: str) -> np.ndarray:
-        path, index = parse_ref(ref)
-        if path not in self._features:
-            self._features[path] = open_features(path)
-        return np.array(self._features[path][index], np.float32)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_features": {}}
+        self.source, self.tokenizer, self.region_drop, self.caption_noise, self.globals = (
+            source, tokenizer, region_drop, caption_noise, globals_)
 
     def random_map(self, record: CaptionRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        regions, length = drop_regions(self.regions(record.image), rng, self.region_drop)
+        regions, length = drop_regions(self.source.regions(record.group), rng, self.region_drop)
         out = {"image": regions, "image_lengths": np.int32(length),
                "text": noisy_tokens(self.tokenizer, record.caption, rng, self.caption_noise),
                "group": np.int32(record.group), "origin": np.array([record.file, record.line], np.int32)}

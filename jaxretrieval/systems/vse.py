@@ -184,7 +184,7 @@ class VSEInfinity(System):
                                         skip_bad=config.data.skip_bad_records, files=source.paths,
                                         where=source.where, caption_noise=s.caption_noise)
             self.check_source(config, source)
-            return PrecompEncode(tokenizer, region_drop=s.region_drop, caption_noise=s.caption_noise,
+            return PrecompEncode(source, tokenizer, region_drop=s.region_drop, caption_noise=s.caption_noise,
                                  globals_=self.globals_of(config, source))
 
         return caption_stream_task(config, init_meta, self, encode)
