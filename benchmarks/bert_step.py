@@ -16,7 +16,7 @@ import argparse
 import sys
 
 import numpy as np
-from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps
+from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps, time_torch_step
 
 SIZES = {"vocab_size": 30522, "width": 768, "heads": 12, "ffn_dim": 3072, "max_positions": 512}
 
@@ -71,9 +71,7 @@ def bench_torch(args: argparse.Namespace, tokens: np.ndarray) -> dict:
         loss.backward()
         loss.item()
 
-    first, median, _ = time_steps(step, args.warmup, args.steps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"framework": "transformers", "device": name, "first_step_s": first, "step_s": median}
+    return time_torch_step("transformers", device, step, args.warmup, args.steps)
 
 
 def main(argv: list[str] | None = None) -> int:

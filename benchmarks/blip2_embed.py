@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps
+from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps, time_torch_step
 
 REPO = Path(__file__).resolve().parents[1]
 # image size, patch, ViT width, blocks run, heads; Q-Former width, layers, heads, queries, cross every
@@ -92,9 +92,7 @@ def bench_torch(args: argparse.Namespace) -> dict:
             feats = torch.nn.functional.normalize(proj(out.last_hidden_state), dim=-1)
         feats.float().cpu()
 
-    first, median, _ = time_steps(step, args.warmup, args.steps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"framework": "torch (LAVIS composition)", "device": name, "first_step_s": first, "step_s": median}
+    return time_torch_step("torch (LAVIS composition)", device, step, args.warmup, args.steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,19 @@ def time_trainer_step(config: Any, host_batch: dict, warmup: int, steps: int) ->
             "step_s": median}
 
 
+def torch_device_name(device: Any) -> str:
+    """The GPU's name for a CUDA torch device, else "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def time_torch_step(framework: str, device: Any, step: Callable[[], Any], warmup: int, steps: int) -> dict[str, Any]:
+    """A torch side's row of the side-by-side table: `step` (blocking) timed by `time_steps` on `device`."""
+    first, median, _ = time_steps(step, warmup, steps)
+    return {"framework": framework, "device": torch_device_name(device), "first_step_s": first, "step_s": median}
+
+
 def package_version(name: str) -> str:
     try:
         return version(name)

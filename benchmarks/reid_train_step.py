@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import alternating_rounds, environment, print_rounds, time_steps
+from harness import alternating_rounds, environment, print_rounds, time_steps, torch_device_name
 
 NUM_CLASSES = 751  # Market-1501's training identities
 K = 4  # DATALOADER.NUM_INSTANCE
@@ -163,7 +163,7 @@ def bench_torch(args: argparse.Namespace, host: dict[str, np.ndarray]) -> dict[s
         return loss.item()  # waits for the step on any device
 
     first, median, losses = time_steps(step, args.warmup, args.steps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = torch_device_name(device)
     return {"framework": "torch", "step": f"torchvision + original losses ({name})", "params": torch_counts(ctl),
             "init_checksum": init, "first_step_s": first, "step_s": median, "losses": losses[:2]}
 

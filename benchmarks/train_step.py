@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 from flops import train_step_flops
-from harness import alternating_rounds, environment, print_rounds, time_steps
+from harness import alternating_rounds, environment, print_rounds, time_steps, torch_device_name
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "open_clip_torch", "torchscale", "timm")
 
@@ -298,7 +298,7 @@ def bench_torch(config: Any, host_batch: dict[str, np.ndarray], warmup: int, ste
             torch.cuda.synchronize()
 
     first, median, _ = time_steps(step, warmup, steps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = torch_device_name(device)
     # Parameters that get no gradient (BEiT-3's mask token) are never decayed by torch's AdamW.
     decayed = sum(p.numel() for g in side.groups if g["weight_decay"] > 0 for p in g["params"] if p.grad is not None)
     lr_scale_sum = sum(g["lr"] / cfg.lr * p.numel() for g in side.groups for p in g["params"])

@@ -19,7 +19,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from harness import add_step_options, print_step_table, save_rows, side_by_side, time_steps, time_trainer_step
+from harness import (
+    add_step_options,
+    print_step_table,
+    save_rows,
+    side_by_side,
+    time_torch_step,
+    time_trainer_step,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {  # swin (image size, patch, embed, depths, heads, window), bert (vocab, width, layers, heads, fusion), dims
@@ -147,9 +154,7 @@ def bench_torch(args: argparse.Namespace) -> dict:
         optimizer.step()
         loss.item()
 
-    first, median, _ = time_steps(step, args.warmup, args.steps)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"framework": "torch (CMP)", "device": name, "first_step_s": first, "step_s": median}
+    return time_torch_step("torch (CMP)", device, step, args.warmup, args.steps)
 
 
 def main(argv: list[str] | None = None) -> int:
